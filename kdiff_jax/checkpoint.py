@@ -1,0 +1,60 @@
+"""kdiff_jax model checkpoints: an orbax directory holding the parameters, buffers and the config.
+
+Layout (orbax CompositeCheckpointHandler, written atomically):
+  <dir>/params   flat {NNX path joined by '.': array}, every parameter and buffer of the network
+  <dir>/config   the full config as JSON
+`load_denoiser(dir)` rebuilds the network from the stored config and returns the preconditioned denoiser.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .config import config_to_dict, load_config
+from .denoisers import Denoiser
+from .factory import abstract_model, make_denoiser, make_model
+from .variables import assign_variables, path_to_str, saved_variables, str_to_path
+
+
+def save_model(directory: str | Path, model: nnx.Module, config) -> Path:
+    """Write `model` (the network, not the denoiser) and `config` to the orbax checkpoint `directory`."""
+    directory = Path(directory).absolute()
+    params = {path_to_str(p): np.asarray(v[...]) for p, v in saved_variables(model).items()}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(directory, ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                 config=ocp.args.JsonSave(config_to_dict(config))), force=True)
+    return directory
+
+
+def load_checkpoint_config(directory: str | Path):
+    """The config stored in a kdiff_jax checkpoint."""
+    directory = Path(directory).absolute()
+    if not (directory / 'config').exists():
+        raise FileNotFoundError(f'{directory} is not a kdiff_jax checkpoint (no config/ inside)')
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(directory, ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return load_config(dict(restored.config))
+
+
+def load_model(directory: str | Path, config=None) -> nnx.Module:
+    """The network stored in `directory`, in eval mode (config from the checkpoint unless given)."""
+    directory = Path(directory).absolute()
+    config = config if config is not None else load_checkpoint_config(directory)
+    target = {path_to_str(p): jax.ShapeDtypeStruct(v.shape, v.dtype)
+              for p, v in saved_variables(abstract_model(config)).items()}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(directory, ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    model = make_model(config)
+    assign_variables(model, {str_to_path(k): v for k, v in restored.params.items()})
+    return model
+
+
+def load_denoiser(directory: str | Path) -> Denoiser:
+    """The Karras-preconditioned denoiser stored in a kdiff_jax checkpoint directory, ready to sample (eval mode)."""
+    config = load_checkpoint_config(directory)
+    return make_denoiser(config, load_model(directory, config))

@@ -1,0 +1,62 @@
+"""Build networks and denoisers from a config (k-diffusion's `config.make_model` / `make_denoiser_wrapper`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .denoisers import Denoiser, DenoiserWithVariance, SimpleLossDenoiser
+from .models import ImageDenoiserModelV1, KarrasAugmentWrapper
+
+AUG_COND_DIM = 9
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def make_model(config: Mapping, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> nnx.Module:
+    """The network for `config.model` (wrapped in KarrasAugmentWrapper if `augment_wrapper`), in eval mode."""
+    m = config['model']
+    if m['type'] != 'image_v1':
+        raise ValueError(f"model.type {m['type']!r} is not supported; expected 'image_v1'")
+    rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
+    model = ImageDenoiserModelV1(
+        m['input_channels'], m['mapping_out'], list(m['depths']), list(m['channels']), list(m['self_attn_depths']),
+        None if m.get('cross_attn_depths') is None else list(m['cross_attn_depths']),
+        mapping_cond_dim=m['mapping_cond_dim'] + (AUG_COND_DIM if m['augment_wrapper'] else 0),
+        unet_cond_dim=m['unet_cond_dim'], cross_cond_dim=m['cross_cond_dim'], dropout_rate=m['dropout_rate'],
+        patch_size=m['patch_size'], skip_stages=m['skip_stages'], has_variance=m['has_variance'],
+        dtype=COMPUTE_DTYPES[m.get('dtype', 'float32')], rngs=rngs)
+    if m['augment_wrapper']:
+        model = KarrasAugmentWrapper(model)
+    model.eval()
+    return model
+
+
+def denoiser_class(config: Mapping) -> type[Denoiser]:
+    m = config['model']
+    loss_config = m.get('loss_config', 'karras')
+    if loss_config == 'karras':
+        return DenoiserWithVariance if m['has_variance'] else Denoiser
+    if loss_config == 'simple':
+        if m['has_variance']:
+            raise ValueError('loss_config "simple" does not support a variance output (model.has_variance)')
+        return SimpleLossDenoiser
+    raise ValueError(f'unknown model.loss_config {loss_config!r}; expected "karras" or "simple"')
+
+
+def make_denoiser(config: Mapping, model: nnx.Module | None = None, **make_model_kwargs) -> Denoiser:
+    """The Karras-preconditioned denoiser of `config` around `model` (a fresh one if not given)."""
+    model = model if model is not None else make_model(config, **make_model_kwargs)
+    return denoiser_class(config)(model, sigma_data=config['model']['sigma_data'])
+
+
+def abstract_model(config: Mapping) -> nnx.Module:
+    """The network of `config` with shapes only (no memory, no init compute), e.g. to restore a checkpoint into."""
+    return nnx.eval_shape(lambda: make_model(config, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module) -> int:
+    """Trainable parameters (PyTorch `parameters()`; buffers excluded)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,213 @@
+"""Building blocks of k-diffusion's image U-Net, as Flax NNX modules in NHWC layout.
+
+Every module mirrors the PyTorch module of k-diffusion 0.0.15 (`k_diffusion/layers.py`,
+`k_diffusion/models/image_v1.py`) attribute for attribute, so a PyTorch state_dict key maps onto an NNX state path by
+a plain rename (see `kdiff_jax.interop.torch_state`). Sequential containers keep PyTorch's indices: a
+`Sequential`'s children live in `self.layers` (an `nnx.List`) and the name `layers` is dropped when mapping keys.
+
+Precision policy: parameters are float32; convolutions and linear maps run in the compute `dtype`; group-norm
+statistics, the AdaGN modulation, softmax and the noise embedding always run in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Cond = dict[str, Any]
+
+#: PyTorch's default Conv2d/Linear weight init (kaiming_uniform with a=sqrt(5)) is U(±1/sqrt(fan_in)).
+torch_default_init = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+orthogonal_init = nnx.initializers.orthogonal()
+
+
+class Buffer(nnx.Variable):
+    """A fixed tensor stored in checkpoints but never trained (PyTorch's `register_buffer`)."""
+
+
+def gelu(x):
+    """GELU in its exact erf form, as `torch.nn.GELU()` (Flax's default is the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class GELU(nnx.Module):
+    """Stateless module so that a `Sequential` keeps PyTorch's layer indices."""
+
+    def __call__(self, x):
+        return gelu(x)
+
+
+class Identity(nnx.Module):
+    def __call__(self, x):
+        return x
+
+
+class ConditionedModule(nnx.Module):
+    """A module called as `module(x, cond)`; others in a `Sequential` are called as `module(x)`."""
+
+
+def run_sequential(layers, x, cond: Cond):
+    """Apply `layers` in order, passing `cond` to the conditioned ones (k-diffusion's ConditionedSequential)."""
+    for layer in layers:
+        x = layer(x, cond) if isinstance(layer, ConditionedModule) else layer(x)
+    return x
+
+
+def conv(c_in, c_out, kernel_size, *, dtype, rngs, use_bias=True, kernel_init=torch_default_init):
+    """A 2-D convolution with PyTorch's zero padding `kernel_size // 2`, NHWC, kernel HWIO."""
+    pad = kernel_size // 2
+    return nnx.Conv(c_in, c_out, (kernel_size, kernel_size), padding=((pad, pad), (pad, pad)), use_bias=use_bias,
+                    kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+
+
+def dropout2d(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+    """`torch.nn.Dropout2d` for NHWC: whole channels are zeroed (mask shared over H and W), survivors scaled 1/(1-p)."""
+    return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
+
+
+def group_norm(x, num_groups: int, eps: float):
+    """Group norm without affine, biased variance, statistics in float32 (`torch.nn.functional.group_norm`).
+
+    Groups are contiguous channel ranges, as in PyTorch's NCHW layout.
+    """
+    n, h, w, c = x.shape
+    xg = x.astype(jnp.float32).reshape(n, h * w, num_groups, c // num_groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
+    return ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(n, h, w, c)
+
+
+class AdaGN(ConditionedModule):
+    """Adaptive group norm: y = GN(x)·(1 + scale) + shift, with [scale, shift] = Linear(cond[cond_key])."""
+
+    def __init__(self, feats_in: int, c_out: int, num_groups: int, eps: float = 1e-5, cond_key: str = 'cond', *,
+                 rngs: nnx.Rngs):
+        self.num_groups = num_groups
+        self.eps = eps
+        self.cond_key = cond_key
+        self.mapper = nnx.Linear(feats_in, c_out * 2, kernel_init=torch_default_init, rngs=rngs)
+
+    def __call__(self, x, cond: Cond):
+        scale, shift = jnp.split(self.mapper(cond[self.cond_key].astype(jnp.float32)), 2, axis=-1)
+        y = group_norm(x, self.num_groups, self.eps)
+        return (y * (1 + scale[:, None, None, :]) + shift[:, None, None, :]).astype(x.dtype)
+
+
+def attention(q, k, v, dropout: nnx.Dropout, bias=None):
+    """Multi-head attention with k-diffusion's scaling: softmax((q·d^-¼)(k·d^-¼)ᵀ + bias) v.
+
+    q: [N, Lq, H, D], k and v: [N, Lk, H, D]; logits and softmax in float32; `dropout` acts on the probabilities.
+    """
+    scale = q.shape[-1] ** -0.25
+    logits = jnp.einsum('nqhd,nkhd->nhqk', q * scale, k * scale, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    probs = dropout(jax.nn.softmax(logits, axis=-1)).astype(v.dtype)
+    return jnp.einsum('nhqk,nkhd->nqhd', probs, v)
+
+
+class SelfAttention2d(ConditionedModule):
+    """Self-attention over the H·W positions; qkv channels are laid out [q | k | v], each split into heads."""
+
+    def __init__(self, c_in: int, n_head: int, norm_groups: int, feats_in: int, dropout_rate: float = 0., *,
+                 dtype, rngs: nnx.Rngs):
+        assert c_in % n_head == 0
+        self.norm_in = AdaGN(feats_in, c_in, norm_groups, rngs=rngs)
+        self.n_head = n_head
+        self.qkv_proj = conv(c_in, c_in * 3, 1, dtype=dtype, rngs=rngs)
+        self.out_proj = conv(c_in, c_in, 1, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x, cond: Cond):
+        n, h, w, c = x.shape
+        qkv = self.qkv_proj(self.norm_in(x, cond)).reshape(n, h * w, 3, self.n_head, c // self.n_head)
+        y = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.dropout)
+        return x + self.out_proj(y.reshape(n, h, w, c))
+
+
+class CrossAttention2d(ConditionedModule):
+    """Attention from image positions to a conditioning sequence `cond['cross']` [N, L, c_enc].
+
+    Padded positions (`cond['cross_padding']`, 1 = padding) get -10000 added to their logits.
+    """
+
+    def __init__(self, c_dec: int, c_enc: int, n_head: int, norm_groups: int, feats_in: int,
+                 dropout_rate: float = 0., cond_key: str = 'cross', cond_key_padding: str = 'cross_padding', *,
+                 dtype, rngs: nnx.Rngs):
+        assert c_dec % n_head == 0
+        self.cond_key = cond_key
+        self.cond_key_padding = cond_key_padding
+        self.norm_enc = nnx.LayerNorm(c_enc, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
+        self.norm_dec = AdaGN(feats_in, c_dec, norm_groups, rngs=rngs)
+        self.n_head = n_head
+        self.q_proj = conv(c_dec, c_dec, 1, dtype=dtype, rngs=rngs)
+        self.kv_proj = nnx.Linear(c_enc, c_dec * 2, kernel_init=torch_default_init, dtype=dtype, rngs=rngs)
+        self.out_proj = conv(c_dec, c_dec, 1, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x, cond: Cond):
+        n, h, w, c = x.shape
+        d = c // self.n_head
+        q = self.q_proj(self.norm_dec(x, cond)).reshape(n, h * w, self.n_head, d)
+        enc = self.norm_enc(cond[self.cond_key].astype(jnp.float32))
+        kv = self.kv_proj(enc).reshape(n, enc.shape[1], 2, self.n_head, d)
+        bias = -10000. * cond[self.cond_key_padding].astype(jnp.float32)[:, None, None, :]
+        y = attention(q, kv[:, :, 0], kv[:, :, 1], self.dropout, bias)
+        return x + self.out_proj(y.reshape(n, h, w, c))
+
+
+# Resampling. The 4-tap "linear" filter [1, 3, 3, 1]/8 of k-diffusion; the 2-D kernel is a saved buffer.
+_LINEAR_TAPS = (1 / 8, 3 / 8, 3 / 8, 1 / 8)
+
+
+def _depthwise(x, kernel_2d, **conv_kwargs):
+    c = x.shape[-1]
+    kernel = jnp.broadcast_to(kernel_2d.astype(x.dtype)[:, :, None, None], (*kernel_2d.shape, 1, c))
+    return jax.lax.conv_general_dilated(x, kernel, padding=((0, 0), (0, 0)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        feature_group_count=c, **conv_kwargs)
+
+
+class Downsample2d(nnx.Module):
+    """Anti-aliased 2× downsampling: reflect-pad 1, depthwise 4×4 filter, stride 2."""
+
+    def __init__(self):
+        taps = jnp.asarray(_LINEAR_TAPS, jnp.float32)
+        self.kernel = Buffer(jnp.outer(taps, taps))
+
+    def __call__(self, x):
+        pad = self.kernel.shape[0] // 2 - 1
+        x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+        return _depthwise(x, self.kernel[...], window_strides=(2, 2))
+
+
+class Upsample2d(nnx.Module):
+    """2× upsampling: reflect-pad 1, then PyTorch's `conv_transpose2d(stride=2, padding=3)` with the 4×4 filter.
+
+    A transposed convolution is a correlation of the 2×-dilated input with the spatially flipped kernel; with
+    padding 3 = kernel − 1 no extra border is added.
+    """
+
+    def __init__(self):
+        taps = 2 * jnp.asarray(_LINEAR_TAPS, jnp.float32)
+        self.kernel = Buffer(jnp.outer(taps, taps))
+
+    def __call__(self, x):
+        pad = self.kernel.shape[0] // 4  # PyTorch: (taps // 2 - 1 + 1) // 2
+        x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+        return _depthwise(x, self.kernel[::-1, ::-1], window_strides=(1, 1), lhs_dilation=(2, 2))
+
+
+class FourierFeatures(nnx.Module):
+    """Random Fourier features: f = 2π·x·Wᵀ, output [cos f, sin f]; W [out/2, in] ~ N(0, std²) is a saved buffer."""
+
+    def __init__(self, in_features: int, out_features: int, std: float = 1., *, rngs: nnx.Rngs):
+        assert out_features % 2 == 0
+        self.weight = Buffer(jax.random.normal(rngs.params(), (out_features // 2, in_features)) * std)
+
+    def __call__(self, x):
+        f = 2 * math.pi * x.astype(jnp.float32) @ self.weight[...].T
+        return jnp.concatenate([jnp.cos(f), jnp.sin(f)], axis=-1)

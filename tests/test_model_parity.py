@@ -1,0 +1,134 @@
+"""The image_v1 network and the Karras denoisers equal k-diffusion 0.0.15 on the same random weights (fp32, CPU)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from kdiff_jax.factory import make_denoiser, make_model
+from kdiff_jax.interop import load_state_dict, model_to_state_dict
+from kdiff_jax.models.layers import dropout2d
+from tests.parity import SIGMAS, make_pair, nchw, nhwc, rel_err, small_config
+
+TOL = 1e-5
+
+CASES = {
+    'cars_like_skip1_attn': small_config(),
+    'grown_skip0': small_config(skip_stages=0),
+    'has_variance': small_config(has_variance=True),
+    'patch_size_2': small_config(patch_size=2, input_size=[32, 32]),
+    'unet_and_mapping_cond': small_config(unet_cond_dim=2, mapping_cond_dim=5),
+    'cross_attention': small_config(cross_cond_dim=24, cross_attn_depths=[False, True, True]),
+    'no_augment_wrapper_1ch': small_config(augment_wrapper=False, input_channels=1, self_attn_depths=[True] * 3),
+}
+
+
+def _inputs(config, seed=0):
+    rng = np.random.default_rng(seed)
+    m = config.model
+    n = len(SIGMAS)
+    x = rng.standard_normal((n, *m.input_size, m.input_channels)).astype(np.float32) * (0.5 + SIGMAS[:, None, None, None])
+    kwargs_np, torch_kwargs = {}, {}
+    if m.augment_wrapper:
+        kwargs_np['aug_cond'] = rng.standard_normal((n, 9)).astype(np.float32) * 0.3
+    if m.mapping_cond_dim:
+        kwargs_np['mapping_cond'] = rng.standard_normal((n, m.mapping_cond_dim)).astype(np.float32)
+    if m.unet_cond_dim:
+        kwargs_np['unet_cond'] = rng.standard_normal((n, *m.input_size, m.unet_cond_dim)).astype(np.float32)
+    if m.cross_cond_dim:
+        kwargs_np['cross_cond'] = rng.standard_normal((n, 7, m.cross_cond_dim)).astype(np.float32)
+        padding = np.zeros((n, 7), np.float32)
+        padding[:, 5:] = 1  # the last two tokens are padding
+        kwargs_np['cross_cond_padding'] = padding
+    for k, v in kwargs_np.items():
+        torch_kwargs[k] = nchw(v) if k == 'unet_cond' else torch.from_numpy(v)
+    return x, kwargs_np, torch_kwargs
+
+
+@pytest.mark.parametrize('name', list(CASES))
+def test_denoiser_matches_k_diffusion(name):
+    config = CASES[name]
+    torch_denoiser, denoiser = make_pair(config)
+    x, kwargs, torch_kwargs = _inputs(config)
+    with torch.no_grad():
+        ref_d = nhwc(torch_denoiser(nchw(x), torch.from_numpy(SIGMAS), **torch_kwargs))
+        ref_f = torch_denoiser.inner_model(nchw(x), torch.from_numpy(SIGMAS), **torch_kwargs)
+    jkwargs = {k: jnp.asarray(v) for k, v in kwargs.items()}
+    ours_d = denoiser(jnp.asarray(x), jnp.asarray(SIGMAS), **jkwargs)
+    ours_f = denoiser.inner_model(jnp.asarray(x), jnp.asarray(SIGMAS), **jkwargs)
+    assert ours_d.shape == ref_d.shape
+    assert rel_err(ours_d, ref_d) <= TOL
+    assert rel_err(ours_f, nhwc(ref_f)) <= TOL  # the raw network too, not only the c_skip-dominated output
+    for i in range(len(SIGMAS)):  # every σ on its own, from 0.01 to 80
+        assert rel_err(ours_d[i], ref_d[i]) <= TOL
+
+
+def test_log_variance_matches_k_diffusion():
+    config = CASES['has_variance']
+    torch_denoiser, denoiser = make_pair(config, seed=3)
+    x, kwargs, torch_kwargs = _inputs(config, seed=3)
+    with torch.no_grad():
+        ref_out, ref_logvar = torch_denoiser.inner_model(nchw(x), torch.from_numpy(SIGMAS), return_variance=True,
+                                                         **torch_kwargs)
+    out, logvar = denoiser.inner_model(jnp.asarray(x), jnp.asarray(SIGMAS), return_variance=True,
+                                       **{k: jnp.asarray(v) for k, v in kwargs.items()})
+    assert logvar.shape == (len(SIGMAS),)
+    assert rel_err(logvar, ref_logvar.numpy()) <= TOL
+    assert rel_err(out, nhwc(ref_out)) <= TOL
+
+
+@pytest.mark.parametrize('name', ['cars_like_skip1_attn', 'has_variance', 'simple_loss'])
+def test_loss_matches_k_diffusion(name):
+    config = small_config(loss_config='simple') if name == 'simple_loss' else CASES[name]
+    torch_denoiser, denoiser = make_pair(config, seed=1)
+    rng = np.random.default_rng(1)
+    x0 = rng.uniform(-1, 1, (len(SIGMAS), *config.model.input_size, 3)).astype(np.float32)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    with torch.no_grad():
+        ref = torch_denoiser.loss(nchw(x0), nchw(noise), torch.from_numpy(SIGMAS)).numpy()
+    ours = denoiser.loss(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(SIGMAS))
+    assert type(denoiser).__name__ == type(torch_denoiser).__name__
+    assert ours.shape == (len(SIGMAS),)
+    assert rel_err(ours, ref) <= TOL
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    config = small_config()
+    _, denoiser32 = make_pair(config)
+    config16 = small_config()
+    config16.model.dtype = 'bfloat16'
+    model16 = make_model(config16)
+    load_state_dict(model16, model_to_state_dict(denoiser32.inner_model))
+    x, kwargs, _ = _inputs(config)
+    sig = jnp.asarray(SIGMAS)
+    out16 = make_denoiser(config16, model16).inner_model(jnp.asarray(x), sig)
+    out32 = denoiser32.inner_model(jnp.asarray(x), sig)
+    assert out16.dtype == jnp.float32  # the output (and preconditioning) stay float32
+    assert model16.inner_model.proj_in.kernel.dtype == jnp.float32  # parameters stay float32
+    assert 1e-4 < rel_err(out16, out32) < 5e-2  # bf16 really computed, and close
+
+
+def test_dropout2d_zeroes_whole_channels_in_training_mode():
+    layer = dropout2d(0.5, nnx.Rngs(dropout=0))
+    x = jnp.ones((4, 8, 8, 64))
+    y = np.asarray(layer(x))
+    per_channel = y.transpose(0, 3, 1, 2).reshape(4, 64, -1)
+    assert set(np.unique(per_channel)) == {0.0, 2.0}  # survivors scaled by 1/(1-p)
+    assert (per_channel.min(-1) == per_channel.max(-1)).all()  # each channel all dropped or all kept
+    layer.eval()
+    np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(x))
+
+
+def test_model_dropout_active_only_in_training_mode():
+    config = small_config(dropout_rate=0.3)
+    _, denoiser = make_pair(config)
+    x, _, _ = _inputs(config)
+    args = (jnp.asarray(x), jnp.asarray(SIGMAS))
+    eval_out = denoiser(*args)
+    np.testing.assert_array_equal(np.asarray(denoiser(*args)), np.asarray(eval_out))
+    denoiser.train()
+    a, b = denoiser(*args), denoiser(*args)
+    assert rel_err(a, eval_out) > 1e-4 and rel_err(a, b) > 1e-4
