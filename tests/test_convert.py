@@ -208,3 +208,47 @@ def test_wrong_cars_config_names_the_right_one(cars128, tmp_path):
     assert 'inner_model.u_net.d_blocks.1.0.kernel' in result.stderr
     assert 'matches' in result.stderr and 'cars128.py' in result.stderr and 'cars64.py' not in result.stderr.split(
         'matches')[1]
+
+
+NO_TORCH_SCRIPT = '''
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import json, numpy as np, jax.numpy as jnp
+import kdiff_jax
+from kdiff_jax.interop import CheckpointError, export_torch_state_dict, model_from_torch_checkpoint
+tmp = sys.argv[1]
+config = kdiff_jax.load_config(json.load(open(tmp + "/config.json")))
+model = model_from_torch_checkpoint(tmp + "/weights.safetensors", config)
+kdiff_jax.save_model(tmp + "/ckpt", model, config)
+denoiser = kdiff_jax.load_denoiser(tmp + "/ckpt")
+x = jnp.asarray(np.load(tmp + "/x.npy"))
+np.save(tmp + "/out.npy", np.asarray(denoiser(x, jnp.full((x.shape[0],), 2.0))))
+export_torch_state_dict(model, tmp + "/back.safetensors")
+try:
+    export_torch_state_dict(model, tmp + "/back.pth")
+except CheckpointError as e:
+    assert "kdiff_jax[torch]" in str(e), e
+    print("pth needs torch: ok")
+'''
+
+
+def test_library_converts_and_samples_without_torch(small, tmp_path):
+    """torch is an optional extra: safetensors conversion, orbax save/load and the denoiser work without it."""
+    import json
+    from safetensors.torch import save_file
+    config, inner, _ = small
+    save_file(inner.state_dict(), str(tmp_path / 'weights.safetensors'))
+    (tmp_path / 'config.json').write_text(json.dumps(config_to_dict(config)))
+    x = np.random.default_rng(0).standard_normal((2, *config.model.input_size, 3)).astype(np.float32)
+    np.save(tmp_path / 'x.npy', x)
+    result = subprocess.run([sys.executable, '-c', NO_TORCH_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert 'pth needs torch: ok' in result.stdout
+    torch_denoiser = K.config.make_denoiser_wrapper(to_kdiffusion_dict(config))(inner)
+    with torch.no_grad():
+        ref = nhwc(torch_denoiser(nchw(x), torch.full((2,), 2.0)))
+    assert rel_err(np.load(tmp_path / 'out.npy'), ref) <= 1e-5
+    back = read_checkpoint_file(tmp_path / 'back.safetensors')
+    for key, value in inner.state_dict().items():
+        np.testing.assert_array_equal(back[key], value.numpy())
