@@ -227,7 +227,7 @@ _TYPES: dict[str, dict[str, Checker]] = {
         'power': _as_float,
         'warmup': _as_float,
         'min_lr': _as_float,
-        'num_steps': _optional(_as_int),
+        'num_steps': _optional(_as_float),  # k-diffusion's ExponentialLR takes a float
         'decay': _as_float,
     },
     'ema_sched': {
@@ -439,8 +439,8 @@ def _training_problems(config: Mapping) -> list[str]:
         problems.append(f'optimizer.lr: must be >= 0, got {opt["lr"]}')
     if not all(0 <= b < 1 for b in opt['betas']):
         problems.append(f'optimizer.betas: must be in [0, 1), got {opt["betas"]}')
-    if sched['type'] == 'exponential' and (sched['num_steps'] is None or sched['num_steps'] < 1):
-        problems.append('lr_sched.num_steps: lr_sched type "exponential" needs num_steps >= 1')
+    if sched['type'] == 'exponential' and (sched['num_steps'] is None or sched['num_steps'] <= 0):
+        problems.append('lr_sched.num_steps: lr_sched type "exponential" needs num_steps > 0')
     if not 0 <= sched['warmup'] < 1:
         problems.append(f'lr_sched.warmup: must be in [0, 1), got {sched["warmup"]}')
     if not 0 <= ema['max_value'] <= 1:

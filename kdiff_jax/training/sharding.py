@@ -1,0 +1,46 @@
+"""Data-parallel placement: a 1-D mesh over every device (all hosts), state replicated, batches split on axis 0."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named 'data' over `devices` (default: all devices of all processes)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicate(tree, mesh: Mesh):
+    """Place every array of `tree` (identical on every process) on all devices of `mesh`."""
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
+                        tree)
+
+
+def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """The global batch from each process's local part (its rows of the global batch), split over the mesh."""
+    sharding = batch_sharded(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
+            if v is not None}
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, state) -> Callable:
+    """`train_step` compiled with the state replicated (and donated) and the batch split over `mesh`."""
+    state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
+    return jax.jit(train_step, in_shardings=(state_sharding, batch_sharded(mesh)),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)

@@ -1,0 +1,191 @@
+"""The train step equals k-diffusion's recipe (loss, AdamW, LR schedule, EMA), skips non-finite steps, and is the
+same on 1 and 4 devices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from kdiff_jax.config import load_config, to_kdiffusion_dict
+from kdiff_jax.factory import make_model
+from kdiff_jax.interop import load_state_dict, model_to_state_dict
+from kdiff_jax.training.optimizer import make_optimizer
+from kdiff_jax.training.schedules import ema_decay, make_lr_schedule
+from kdiff_jax.training.state import create_train_state
+from kdiff_jax.training.step import make_loss_and_update, make_train_step
+from tests.parity import K, nchw, perturb_, rel_err, torch_state_dict_np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    model = dict(type='image_v1', input_channels=3, input_size=[8, 8], skip_stages=0, mapping_out=32,
+                 depths=[1, 1], channels=[16, 32], self_attn_depths=[False, True], dropout_rate=0.,
+                 augment_wrapper=True, augment_prob=0.12, sigma_data=0.5,
+                 sigma_sample_density=dict(type='lognormal', mean=-1.2, std=1.2))
+    config = {'model': model, 'optimizer': dict(type='adamw', lr=1e-3, betas=[0.95, 0.999], eps=1e-6,
+                                               weight_decay=1e-3),
+              'lr_sched': dict(type='inverse', inv_gamma=10., power=1., warmup=0.9),
+              'ema_sched': dict(type='inverse', power=0.6667, max_value=0.9999)}
+    for key, value in overrides.items():
+        section, name = key.split('.')
+        config[section][name] = value
+    return load_config(config)
+
+
+@pytest.mark.parametrize('lr_sched', [dict(type='constant'),
+                                      dict(type='inverse', inv_gamma=20., power=0.7, warmup=0.99),
+                                      dict(type='exponential', num_steps=50., decay=0.4, warmup=0.5)],
+                         ids=lambda s: s['type'])
+def test_lr_schedules_equal_k_diffusion(lr_sched):
+    config = load_config({'model': tiny_config().to_dict()['model'], 'lr_sched': lr_sched})
+    ours = make_lr_schedule(config.lr_sched, 3e-4)
+    for t in range(200):
+        assert float(ours(t)) == pytest.approx(oracle_lr(config.lr_sched, 3e-4, t), rel=1e-5)
+
+
+def oracle_lr(sched_config, base_lr, t):
+    """k-diffusion's closed-form LR at update t. Its InverseLR/ExponentialLR constructors pass `verbose` to a
+    torch.optim LRScheduler that no longer takes it (torch 2.13), so the oracle's formula runs on a bare instance."""
+    kind = sched_config.type
+    if kind == 'constant':
+        return base_lr
+    sched = object.__new__(K.utils.InverseLR if kind == 'inverse' else K.utils.ExponentialLR)
+    sched.__dict__.update({k: v for k, v in sched_config.items() if k != 'type'}, base_lrs=[base_lr], last_epoch=t)
+    return sched._get_closed_form_lr()[0]
+
+
+def test_ema_decay_equals_k_diffusion_warmup():
+    warmup = K.utils.EMAWarmup(power=0.6667, max_value=0.9999)
+    for t in range(0, 3_000_000, 997):
+        warmup.last_epoch = t
+        assert float(ema_decay(t, 0.6667, 0.9999)) == pytest.approx(warmup.get_value(), abs=1e-6)
+
+
+def _torch_setup(config, seed=0):
+    kd = to_kdiffusion_dict(config)
+    inner = perturb_(K.config.make_model(kd), seed, scale=0.02).train()
+    ema = K.config.make_model(kd)
+    ema.load_state_dict(inner.state_dict())
+    o = config.optimizer
+    opt = torch.optim.AdamW(inner.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: oracle_lr(config.lr_sched, 1.0, t))
+    ema_sched = K.utils.EMAWarmup(power=config.ema_sched.power, max_value=config.ema_sched.max_value)
+    return K.config.make_denoiser_wrapper(kd)(inner), ema, opt, sched, ema_sched
+
+
+def _batches(config, n_steps, batch=3):
+    rng = np.random.default_rng(0)
+    shape = (batch, *config.model.input_size, 3)
+    for _ in range(n_steps):
+        yield (np.tanh(rng.standard_normal(shape)).astype(np.float32),
+               (rng.standard_normal((batch, 9)) * 0.2).astype(np.float32),
+               rng.standard_normal(shape).astype(np.float32),
+               np.exp(rng.standard_normal(batch) * 1.2 - 1.2).astype(np.float32))
+
+
+@pytest.mark.parametrize('grad_accum', [1, 2])
+def test_optimizer_steps_equal_k_diffusion_adamw(grad_accum):
+    """Loss, parameters and EMA after 4 micro-batches equal k-diffusion's AdamW + InverseLR + EMAWarmup."""
+    config = tiny_config()
+    denoiser_t, ema_t, opt, sched, ema_sched = _torch_setup(config)
+    model = make_model(config)
+    load_state_dict(model, torch_state_dict_np(denoiser_t.inner_model))
+    tx = make_optimizer(config, grad_accum_steps=grad_accum)
+    train_model, state = create_train_state(model, tx, seed=0)
+    update = jax.jit(make_loss_and_update(config, train_model, tx))
+    for i, (x0, aug, noise, sigma) in enumerate(_batches(config, 4)):
+        loss_t = denoiser_t.loss(nchw(x0), nchw(noise), torch.from_numpy(sigma), aug_cond=torch.from_numpy(aug))
+        (loss_t.mean() / grad_accum).backward()
+        if (i + 1) % grad_accum == 0:  # as accelerate's accumulate(): step on the last micro-batch only
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            K.utils.ema_update(denoiser_t.inner_model, ema_t, ema_sched.get_value())
+            ema_sched.step()
+        state, metrics = update(state, x0, aug, noise, sigma, jax.random.key(0))
+        assert float(metrics['loss']) == pytest.approx(loss_t.mean().item(), rel=1e-5)
+    assert int(state.step) == 4 and int(state.ema_updates) == 4 // grad_accum
+    for name, params, ref in (('params', state.params, denoiser_t.inner_model), ('ema', state.ema_params, ema_t)):
+        trained = train_model.merge(params, state.buffers, train=False)
+        ours, theirs = model_to_state_dict(trained), torch_state_dict_np(ref)
+        start = torch_state_dict_np(_torch_setup(config)[0].inner_model)
+        for key in theirs:
+            delta_ref = theirs[key] - start[key]
+            if np.abs(delta_ref).max() > 0:  # compare what the steps changed, relative to the change
+                assert rel_err(ours[key] - start[key], delta_ref) < 1e-3, (name, key)
+            np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-7, err_msg=f'{name} {key}')
+
+
+def test_non_finite_micro_batch_is_skipped_and_counted():
+    config = tiny_config()
+    model = make_model(config)
+    tx = make_optimizer(config)
+    train_model, state = create_train_state(model, tx, seed=0)
+    update = jax.jit(make_loss_and_update(config, train_model, tx))
+    x0, aug, noise, sigma = next(_batches(config, 1))
+    before = jax.tree.map(np.asarray, (state.params, state.ema_params, state.opt_state))
+    bad = x0.copy()
+    bad[0, 0, 0, 0] = np.nan
+    state, metrics = update(state, bad, aug, noise, sigma, jax.random.key(0))
+    assert not np.isfinite(float(metrics['loss']))
+    assert int(state.skipped) == 1 and int(state.step) == 1 and int(state.ema_updates) == 0
+    after = jax.tree.map(np.asarray, (state.params, state.ema_params, state.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    state, metrics = update(state, x0, aug, noise, sigma, jax.random.key(0))
+    assert np.isfinite(float(metrics['loss'])) and int(state.ema_updates) == 1 and int(state.skipped) == 1
+
+
+DEVICE_SCRIPT = '''
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
+import jax, numpy as np
+sys.path.insert(0, sys.argv[3])
+from tests.test_train_step import tiny_config
+from kdiff_jax.factory import make_model
+from kdiff_jax.training.optimizer import make_optimizer
+from kdiff_jax.training.state import create_train_state
+from kdiff_jax.training.step import make_train_step
+from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
+config = tiny_config(**{"model.dropout_rate": 0.2})
+assert len(jax.devices()) == int(sys.argv[1])
+mesh = data_mesh()
+tx = make_optimizer(config)
+train_model, state = create_train_state(make_model(config, seed=1), tx, seed=7)
+state = replicate(state, mesh)
+step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
+rng = np.random.default_rng(0)
+for _ in range(3):
+    batch = {"image": np.tanh(rng.standard_normal((8, 8, 8, 3))).astype(np.float32),
+             "aug_cond": (rng.standard_normal((8, 9)) * 0.2).astype(np.float32)}
+    state, metrics = step(state, shard_batch(batch, mesh))
+assert state.params["inner_model"]["proj_in"]["kernel"].sharding.is_fully_replicated
+np.savez(sys.argv[2], **{"/".join(map(str, k)): np.asarray(v[...]) for k, v in state.params.flat_state()})
+'''
+
+
+def test_one_and_four_devices_train_the_same_parameters(tmp_path):
+    out = {}
+    for n in (1, 4):
+        path = tmp_path / f'params_{n}.npz'
+        result = subprocess.run([sys.executable, '-c', DEVICE_SCRIPT, str(n), str(path), str(ROOT)],
+                                capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[n] = dict(np.load(path))
+    start = {'/'.join(map(str, k)): np.asarray(v[...])
+             for k, v in create_train_state(make_model(tiny_config(), seed=1), make_optimizer(tiny_config()), 7)[1]
+             .params.flat_state()}
+    assert out[1].keys() == out[4].keys()
+    moved = 0
+    for key in out[1]:
+        np.testing.assert_allclose(out[4][key], out[1][key], rtol=1e-5, atol=1e-6, err_msg=key)
+        moved += not np.array_equal(out[1][key], start[key])
+    assert moved == len(out[1])  # every parameter was trained
