@@ -1,0 +1,66 @@
+"""Training checkpoints: orbax `CheckpointManager` (atomic, asynchronous, keep-N) of everything a run needs.
+
+Each step directory holds
+  state    the TrainState (parameters, EMA, optimizer state, counters, PRNG key)
+  data     the data iterator's state (JSON), so a resumed run continues with the next batch
+  config   the run's full config (JSON)
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run killed in the middle of a
+save leaves the previous checkpoints intact and `latest_step()` never returns a partial one. Restoring into abstract
+arrays with the current mesh's shardings lets a run resume on a different number of devices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from ..config import config_to_dict, load_config
+from .state import TrainState
+
+ITEMS = ('state', 'data', 'config')
+
+
+class TrainCheckpointer:
+    def __init__(self, directory: str | Path, *, keep: int = 3, asynchronous: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, data_state: dict, config, *, force: bool = False) -> bool:
+        """Start saving (asynchronously); returns whether a save was started."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                  config=ocp.args.JsonSave(config_to_dict(config)))
+        return self.manager.save(step, args=args, force=force)
+
+    def wait(self) -> None:
+        """Block until pending saves are complete (call before exiting)."""
+        self.manager.wait_until_finished()
+
+    def restore_config(self, step: int | None = None):
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return load_config(dict(restored.config))
+
+    def restore(self, abstract_state: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """(state, data iterator state) of `step` (default: latest), placed as `abstract_state`'s shardings."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f'no complete checkpoint in {self.directory}')
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.data)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state: TrainState, sharding) -> TrainState:
+    """Shape/dtype skeleton of `state` with every leaf given `sharding` (e.g. replicated on the current mesh)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
