@@ -189,3 +189,59 @@ def test_one_and_four_devices_train_the_same_parameters(tmp_path):
         np.testing.assert_allclose(out[4][key], out[1][key], rtol=1e-5, atol=1e-6, err_msg=key)
         moved += not np.array_equal(out[1][key], start[key])
     assert moved == len(out[1])  # every parameter was trained
+
+
+MULTIHOST_SCRIPT = '''
+import sys
+import jax, numpy as np
+process_id, num_processes, port, out, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+sys.path.insert(0, root)
+if num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=num_processes,
+                               process_id=process_id)
+from tests.test_train_step import tiny_config
+from kdiff_jax.factory import make_model
+from kdiff_jax.training.optimizer import make_optimizer
+from kdiff_jax.training.state import create_train_state
+from kdiff_jax.training.step import make_train_step
+from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
+config = tiny_config(**{"model.dropout_rate": 0.2})
+mesh = data_mesh()
+assert mesh.size == jax.device_count() and jax.process_count() == num_processes
+tx = make_optimizer(config)
+train_model, state = create_train_state(make_model(config, seed=1), tx, seed=7)
+state = replicate(state, mesh)
+step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
+rng = np.random.default_rng(0)
+rows = 8 // num_processes
+for _ in range(3):
+    batch = {"image": np.tanh(rng.standard_normal((8, 8, 8, 3))).astype(np.float32),
+             "aug_cond": (rng.standard_normal((8, 9)) * 0.2).astype(np.float32)}
+    local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in batch.items()}  # this host's rows
+    state, metrics = step(state, shard_batch(local, mesh))
+if process_id == 0:
+    params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+    np.savez(out, **{"/".join(map(str, k)): np.asarray(v[...]) for k, v in params.flat_state()})
+'''
+
+
+def test_two_processes_train_the_same_parameters_as_one(tmp_path):
+    """Multi-host: 2 processes on localhost (CPU gloo collectives) = 1 process with the same global batch."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = str(s.getsockname()[1])
+    single = subprocess.run([sys.executable, '-c', MULTIHOST_SCRIPT, '0', '1', port, str(tmp_path / 'one.npz'),
+                             str(ROOT)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    procs = [subprocess.Popen([sys.executable, '-c', MULTIHOST_SCRIPT, str(i), '2', port, str(tmp_path / 'two.npz'),
+                               str(ROOT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
+    assert set(one.files) == set(two.files)
+    for key in one.files:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
