@@ -46,7 +46,7 @@ def measure_cars128():
     from kdiff_jax.factory import make_denoiser, make_model
     from kdiff_jax.interop import load_state_dict
     inner = perturb_(K.config.make_model(to_kdiffusion_dict(config)), seed=5).eval()
-    model = make_model(config)
+    model = make_model(config, initialize=False)
     load_state_dict(model, {k: v.numpy() for k, v in inner.state_dict().items()})
     x = np.random.default_rng(0).standard_normal((2, 128, 128, 3)).astype(np.float32)
     sigma = np.array([0.05, 20.], np.float32)

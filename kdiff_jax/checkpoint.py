@@ -49,7 +49,7 @@ def load_model(directory: str | Path, config=None) -> nnx.Module:
               for p, v in saved_variables(abstract_model(config)).items()}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(directory, ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    model = make_model(config)
+    model = make_model(config, initialize=False)
     assign_variables(model, {str_to_path(k): v for k, v in restored.params.items()})
     return model
 

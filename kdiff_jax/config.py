@@ -484,3 +484,35 @@ def to_kdiffusion_dict(config) -> dict:
                       if (section, key) not in _KDIFF_JAX_ONLY
                       and (value is not None or (section, key) in _KEEP_NONE)}
             for section, values in plain.items()}
+
+
+def _parse_override_value(raw: str):
+    """JSON first (numbers, true/false, lists), then Python literals (True, tuples), else the plain string."""
+    import ast
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(raw)
+        except (ValueError, SyntaxError):
+            continue
+    return raw
+
+
+def apply_overrides(config, overrides: list[str]) -> ml_collections.ConfigDict:
+    """`config` with command-line overrides `--config.section.key=value` applied and validated again.
+
+    Misspelled keys and wrong types are reported like those of a config file.
+    """
+    values = config_to_dict(config)
+    for arg in overrides:
+        if not arg.startswith('--config.') or '=' not in arg:
+            raise ConfigError(f'unrecognised argument {arg!r}; config overrides look like '
+                              '--config.model.dropout_rate=0.1')
+        dotted, raw = arg[len('--config.'):].split('=', 1)
+        *parents, leaf = dotted.split('.')
+        node = values
+        for i, name in enumerate(parents):
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f'--config.{dotted}: {".".join(parents[:i + 1])} is not a section')
+        node[leaf] = _parse_override_value(raw)
+    return load_config(values) if overrides else config

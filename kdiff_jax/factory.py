@@ -10,17 +10,16 @@ from flax import nnx
 
 from .denoisers import Denoiser, DenoiserWithVariance, SimpleLossDenoiser
 from .models import ImageDenoiserModelV1, KarrasAugmentWrapper
+from .variables import SAVED
 
 AUG_COND_DIM = 9
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def make_model(config: Mapping, *, rngs: nnx.Rngs | None = None, seed: int = 0) -> nnx.Module:
-    """The network for `config.model` (wrapped in KarrasAugmentWrapper if `augment_wrapper`), in eval mode."""
+def _build_model(config: Mapping, rngs: nnx.Rngs) -> nnx.Module:
     m = config['model']
     if m['type'] != 'image_v1':
         raise ValueError(f"model.type {m['type']!r} is not supported; expected 'image_v1'")
-    rngs = rngs if rngs is not None else nnx.Rngs(params=seed, dropout=seed + 1)
     model = ImageDenoiserModelV1(
         m['input_channels'], m['mapping_out'], list(m['depths']), list(m['channels']), list(m['self_attn_depths']),
         None if m.get('cross_attn_depths') is None else list(m['cross_attn_depths']),
@@ -32,6 +31,22 @@ def make_model(config: Mapping, *, rngs: nnx.Rngs | None = None, seed: int = 0) 
         model = KarrasAugmentWrapper(model)
     model.eval()
     return model
+
+
+def make_model(config: Mapping, *, seed: int = 0, initialize: bool = True) -> nnx.Module:
+    """The network for `config.model` (wrapped in KarrasAugmentWrapper if `augment_wrapper`), in eval mode.
+
+    Parameters are initialised inside one `jax.jit` (one XLA compilation rather than one per initializer). With
+    `initialize=False` parameters and buffers are zeros, for callers that load every one of them next (converters,
+    checkpoint loaders); only the dropout RNG streams are made, which compiles in a moment.
+    """
+    build = lambda: _build_model(config, nnx.Rngs(params=seed, dropout=seed + 1))
+    if initialize:
+        graphdef, _ = nnx.split(nnx.eval_shape(build))
+        return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
+    graphdef, saved, _ = nnx.split(nnx.eval_shape(build), SAVED, ...)
+    rest = jax.jit(lambda: nnx.split(build(), SAVED, ...)[2])()
+    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), saved), rest)
 
 
 def denoiser_class(config: Mapping) -> type[Denoiser]:
@@ -54,7 +69,7 @@ def make_denoiser(config: Mapping, model: nnx.Module | None = None, **make_model
 
 def abstract_model(config: Mapping) -> nnx.Module:
     """The network of `config` with shapes only (no memory, no init compute), e.g. to restore a checkpoint into."""
-    return nnx.eval_shape(lambda: make_model(config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: _build_model(config, nnx.Rngs(0)))
 
 
 def count_params(model: nnx.Module) -> int:

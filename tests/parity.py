@@ -43,7 +43,7 @@ def make_pair(config, seed: int = 0):
     kd_config = to_kdiffusion_dict(config)
     inner = perturb_(K.config.make_model(kd_config), seed).eval()
     torch_denoiser = K.config.make_denoiser_wrapper(kd_config)(inner).eval()
-    model = make_model(config)
+    model = make_model(config, initialize=False)
     load_state_dict(model, torch_state_dict_np(inner))
     return torch_denoiser, make_denoiser(config, model)
 

@@ -76,7 +76,7 @@ def test_cli_converts_train_checkpoint_and_load_denoiser_matches(small, tmp_path
 
 def test_round_trip_torch_to_jax_to_torch_is_exact(small, tmp_path):
     config, inner, _ = small
-    model = make_model(config)
+    model = make_model(config, initialize=False)
     load_state_dict(model, torch_state_dict_np(inner))
     back = model_to_state_dict(model)
     original = torch_state_dict_np(inner)
@@ -89,7 +89,7 @@ def test_round_trip_torch_to_jax_to_torch_is_exact(small, tmp_path):
 @pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
 def test_export_loads_into_k_diffusion_strictly(small, tmp_path, suffix):
     config, inner, _ = small
-    model = make_model(config)
+    model = make_model(config, initialize=False)
     load_state_dict(model, torch_state_dict_np(inner))
     save_dir = kdiff_jax.save_model(tmp_path / 'jax_ckpt', model, config)
     path = tmp_path / f'exported{suffix}'
@@ -118,7 +118,7 @@ def test_missing_unexpected_and_misshapen_keys_are_all_reported(small):
     sd['inner_model.extra.weight'] = np.zeros((2, 2), np.float32)
     sd['inner_model.proj_in.weight'] = np.zeros((7, 3, 1, 1), np.float32)
     with pytest.raises(StateDictMismatch) as err:
-        load_state_dict(make_model(config), sd)
+        load_state_dict(make_model(config, initialize=False), sd)
     msg = str(err.value)
     assert 'inner_model.timestep_embed.weight (model expects (32, 1))' in msg
     assert 'inner_model.extra.weight (checkpoint has (2, 2))' in msg

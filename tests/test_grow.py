@@ -20,7 +20,7 @@ from tests.parity import K, SIGMAS, nchw, nhwc, perturb_, rel_err, small_config,
 def test_grow_matches_k_diffusion(old, new):
     old_config, new_config = small_config(**old), small_config(**new)
     old_torch = perturb_(K.config.make_model(to_kdiffusion_dict(old_config)), seed=2).eval()
-    old_model = make_model(old_config)
+    old_model = make_model(old_config, initialize=False)
     load_state_dict(old_model, torch_state_dict_np(old_torch))
     ours = grow_model(old_model, old_config, new_config)
     old_sd = torch_state_dict_np(old_torch)

@@ -100,7 +100,7 @@ def test_bfloat16_compute_stays_close_to_float32():
     _, denoiser32 = make_pair(config)
     config16 = small_config()
     config16.model.dtype = 'bfloat16'
-    model16 = make_model(config16)
+    model16 = make_model(config16, initialize=False)
     load_state_dict(model16, model_to_state_dict(denoiser32.inner_model))
     x, kwargs, _ = _inputs(config)
     sig = jnp.asarray(SIGMAS)

@@ -97,7 +97,7 @@ def test_optimizer_steps_equal_k_diffusion_adamw(grad_accum):
     """Loss, parameters and EMA after 4 micro-batches equal k-diffusion's AdamW + InverseLR + EMAWarmup."""
     config = tiny_config()
     denoiser_t, ema_t, opt, sched, ema_sched = _torch_setup(config)
-    model = make_model(config)
+    model = make_model(config, initialize=False)
     load_state_dict(model, torch_state_dict_np(denoiser_t.inner_model))
     tx = make_optimizer(config, grad_accum_steps=grad_accum)
     train_model, state = create_train_state(model, tx, seed=0)

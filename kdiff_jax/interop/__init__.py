@@ -30,7 +30,7 @@ def model_from_torch_checkpoint(path: str | Path, config, which: str = 'model_em
     from ..factory import make_model
 
     state_dict = select_state_dict(read_checkpoint_file(path), which, source=str(path))
-    model = make_model(config)
+    model = make_model(config, initialize=False)
     candidates = default_candidate_configs() if candidate_configs is None else candidate_configs
     load_state_dict(model, state_dict, source=str(path), candidate_configs=candidates)
     return model

@@ -52,7 +52,7 @@ def train_state_from_torch(ckpt: Mapping, config, tx: optax.MultiSteps, seed: in
     """The TrainState that continues the k-diffusion run saved in `ckpt` (a train.py checkpoint dict)."""
     if config['optimizer']['type'] != 'adamw':
         raise CheckpointError('continuing a PyTorch run is supported for optimizer.type adamw only')
-    model, ema = make_model(config), make_model(config)
+    model, ema = make_model(config, initialize=False), make_model(config, initialize=False)
     load_state_dict(model, ckpt['model'], source=f'{source} [model]')
     load_state_dict(ema, ckpt['model_ema'], source=f'{source} [model_ema]')
     train_model, state = create_train_state(model, tx, seed, ema_model=ema)

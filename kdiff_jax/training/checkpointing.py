@@ -33,7 +33,9 @@ class TrainCheckpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, data_state: dict, config, *, force: bool = False) -> bool:
-        """Start saving (asynchronously); returns whether a save was started."""
+        """Start saving (asynchronously); returns whether a save was started (False if `step` is already saved)."""
+        if step in self.manager.all_steps():
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                                   config=ocp.args.JsonSave(config_to_dict(config)))
         return self.manager.save(step, args=args, force=force)

@@ -1,0 +1,215 @@
+"""The training loop behind train.py: set-up (fresh, resumed, continued from PyTorch, grown), steps, demo grids,
+metrics, checkpoints, clean shutdown on SIGTERM/SIGINT.
+
+A run lives in `<out_dir>/<name>/`: `checkpoints/` (orbax, keep-N), `metrics.csv`, `tb/` (TensorBoard), and
+`demo_<step>.png` grids of EMA samples (dpmpp_2m, 50 Karras steps, the same seeds every time).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..factory import count_params, denoiser_class, make_model
+from ..images import make_grid, save_grid, to_uint8
+from .checkpointing import TrainCheckpointer, abstract_like
+from .metrics import MetricsLogger
+from .optimizer import make_optimizer
+from .sharding import data_mesh, jit_train_step, replicate, replicated, shard_batch
+from .state import TrainModel, TrainState, create_train_state
+from .step import make_train_step
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY = 25
+DEMO_STEPS = 50
+DEMO_SEED = 0
+
+
+@dataclass
+class TrainOptions:
+    name: str = 'model'
+    out_dir: str = 'runs'
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    lr: float | None = None
+    resume: str | None = None
+    grow: str | None = None
+    grow_config: str | None = None
+    demo_every: int = 500
+    save_every: int = 10000
+    evaluate_every: int = -1
+    evaluate_n: int = 2000
+    sample_n: int = 64
+    seed: int = 0
+    end_step: int | None = None
+    gns: bool = False
+    num_workers: int = 0
+    keep: int = 3
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it saves and exits cleanly)."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _load_grow_source(opts: TrainOptions, config):
+    from ..config import load_config
+    from .grow import grow_model
+    if not opts.grow_config:
+        raise ValueError('--grow requires --grow-config (the config of the model to grow from)')
+    old_config = load_config(opts.grow_config)
+    path = Path(opts.grow)
+    if path.is_dir() and (path / 'config').exists() and (path / 'params').exists():  # a converted model checkpoint
+        from ..checkpoint import load_model
+        old_model = load_model(path, old_config)
+    elif path.is_dir():  # a kdiff_jax training run's checkpoints: its EMA weights
+        old_model = make_model(old_config, initialize=False)
+        tx = make_optimizer(old_config)
+        train_model, state = create_train_state(old_model, tx, 0)
+        restored, _ = TrainCheckpointer(path, asynchronous=False).restore(abstract_like(state, replicated(data_mesh())))
+        old_model = train_model.merge(restored.ema_params, restored.buffers, train=False)
+    else:  # a PyTorch checkpoint: its model_ema
+        from ..interop import model_from_torch_checkpoint
+        old_model = model_from_torch_checkpoint(path, old_config, which='model_ema')
+    return grow_model(old_model, old_config, config, seed=opts.seed)
+
+
+def initial_state(opts: TrainOptions, config, tx, checkpointer: TrainCheckpointer, mesh):
+    """(TrainModel, TrainState, data iterator state or None, description of where the state came from)."""
+    latest = checkpointer.latest_step()
+    train_model, state = create_train_state(make_model(config, seed=opts.seed, initialize=False), tx, opts.seed)
+    target = abstract_like(state, replicated(mesh))  # the structure to restore into
+    if latest is not None and not opts.resume:
+        restored, data_state = checkpointer.restore(target)
+        return train_model, restored, data_state, f'resumed from {checkpointer.directory} step {latest}'
+    if opts.resume:
+        path = Path(opts.resume)
+        if path.is_dir():
+            other = TrainCheckpointer(path, asynchronous=False)
+            restored, data_state = other.restore(target)
+            return train_model, restored, data_state, f'resumed from {path} step {other.latest_step()}'
+        from ..interop import read_checkpoint_file
+        from ..interop.torch_train import is_torch_train_checkpoint, train_state_from_torch
+        ckpt = read_checkpoint_file(path)
+        if not is_torch_train_checkpoint(ckpt):
+            raise ValueError(f'--resume {path}: not a k-diffusion train.py checkpoint (needs model, model_ema, opt, '
+                             'step) nor a kdiff_jax checkpoint directory')
+        train_model, state = train_state_from_torch(ckpt, config, tx, opts.seed, source=str(path))
+        return train_model, replicate(state, mesh), None, f'continued PyTorch run {path} at step {int(state.step)}'
+    if opts.grow:
+        train_model, state = create_train_state(_load_grow_source(opts, config), tx, opts.seed)
+        return train_model, replicate(state, mesh), None, f'grown from {opts.grow}'
+    train_model, state = create_train_state(make_model(config, seed=opts.seed), tx, opts.seed)
+    return train_model, replicate(state, mesh), None, 'fresh start'
+
+
+def demo_samples(config, train_model: TrainModel, state: TrainState, n: int, mesh) -> np.ndarray:
+    """n EMA samples (dpmpp_2m, 50 Karras steps) with fixed seeds, so grids are comparable across a run."""
+    from ..sampling.api import sample
+    from ..sampling.noise import initial_noise, sample_keys
+    from ..sampling.schedules import get_sigmas_karras
+    m = config['model']
+    denoiser = denoiser_class(config)(train_model.merge(state.ema_params, state.buffers, train=False),
+                                      m['sigma_data'])
+    n_padded = -(-n // mesh.size) * mesh.size
+    keys = sample_keys(DEMO_SEED, jnp.arange(n_padded))
+    x = initial_noise(keys, (n_padded, *m['input_size'], m['input_channels'])) * m['sigma_max']
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+    sigmas = get_sigmas_karras(DEMO_STEPS, m['sigma_min'], m['sigma_max'], rho=7.)
+    return np.asarray(sample(denoiser, x, sigmas, 'dpmpp_2m', seed=DEMO_SEED))[:n]
+
+
+def train(opts: TrainOptions, config) -> Path:
+    """Train until `opts.end_step` (or forever / until SIGTERM/SIGINT); returns the run directory."""
+    from ..data.pipeline import make_train_iterator
+
+    if opts.evaluate_every > 0 or opts.gns:
+        raise NotImplementedError('--evaluate-every (FID/KID) and --gns arrive with the evaluation issue (#5); '
+                                  'run without them for now')
+    run_dir = Path(opts.out_dir) / opts.name
+    is_main = jax.process_index() == 0
+    mesh = data_mesh()
+    if opts.batch_size % mesh.size:
+        raise ValueError(f'--batch-size {opts.batch_size} must be divisible by the {mesh.size} devices')
+    tx = make_optimizer(config, lr=opts.lr, grad_accum_steps=opts.grad_accum_steps)
+    checkpointer = TrainCheckpointer(run_dir / 'checkpoints', keep=opts.keep)
+    train_model, state, data_state, origin = initial_state(opts, config, tx, checkpointer, mesh)
+    step_fn = jit_train_step(make_train_step(config, train_model, tx, lr=opts.lr), mesh, state)
+    local_batch = opts.batch_size // jax.process_count()
+    data = make_train_iterator(config, batch_size=local_batch, seed=opts.seed, shard_index=jax.process_index(),
+                               shard_count=jax.process_count(), num_workers=opts.num_workers)
+    if data_state is not None:
+        data.set_state(data_state)
+    metrics_log = MetricsLogger(run_dir, enabled=is_main)
+    step = int(state.step)
+    if is_main:
+        params = count_params(train_model.merge(state.params, state.buffers, train=False))
+        tqdm.write(f'{origin}; {params:,} parameters; {mesh.size} device(s), {jax.process_count()} process(es); '
+                   f'global batch {opts.batch_size} x {opts.grad_accum_steps} accumulation step(s)')
+
+    def save(force=False):
+        checkpointer.save(step, state, data.get_state(), config, force=force)
+
+    def demo():
+        images = demo_samples(config, train_model, state, opts.sample_n, mesh)
+        if is_main:
+            path = save_grid(images, run_dir / f'demo_{step:08}.png')
+            metrics_log.image(step, 'demo', make_grid(to_uint8(images)))
+            tqdm.write(f'demo grid: {path}')
+
+    reason = 'end step reached'
+    with StopRequested() as stop, tqdm(initial=step, total=opts.end_step, disable=not is_main,
+                                       dynamic_ncols=True) as bar:
+        last_time, last_step = time.perf_counter(), step
+        while opts.end_step is None or step < opts.end_step:
+            batch = next(data)
+            state, metrics = step_fn(state, shard_batch({'image': batch['image'], 'aug_cond': batch['aug_cond']},
+                                                        mesh))
+            step += 1
+            bar.update(1)
+            if step % LOG_EVERY == 0 or step == 1:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                values['images_per_s'] = (step - last_step) * opts.batch_size / max(now - last_time, 1e-9)
+                values['skipped_images'] = float(getattr(data, 'skipped', 0))
+                last_time, last_step = now, step
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+                metrics_log.scalars(step, values)
+            if opts.demo_every > 0 and step % opts.demo_every == 0:
+                demo()
+            if opts.save_every > 0 and step % opts.save_every == 0:
+                save()
+            if stop.signal:
+                reason = f'{stop.signal} received'
+                break
+    save(force=True)
+    checkpointer.close()
+    metrics_log.close()
+    if is_main:
+        tqdm.write(f'stopped at step {step} ({reason}); checkpoint saved')
+        print(f'run directory: {run_dir.absolute()} (checkpoints/, metrics.csv, tb/, demo_*.png)')
+    return run_dir

@@ -1,0 +1,134 @@
+"""train.py end to end on the bundled digits: outputs, exact resume, device-count change, SIGTERM, SIGKILL mid-save."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from kdiff_jax.config import apply_overrides, load_config
+from kdiff_jax.factory import make_model
+from kdiff_jax.training.checkpointing import TrainCheckpointer, abstract_like
+from kdiff_jax.training.optimizer import make_optimizer
+from kdiff_jax.training.sharding import data_mesh, replicated
+from kdiff_jax.training.state import create_train_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ['--config.model.input_size=[8,8]', '--config.model.depths=[1,1]', '--config.model.channels=[8,16]',
+        '--config.model.self_attn_depths=[false,true]', '--config.model.mapping_out=16',
+        '--config.model.dropout_rate=0.1']
+BASE = ['--config', str(ROOT / 'configs' / 'demo.py'), *TINY, '--batch-size', '8', '--sample-n', '4',
+        '--demo-every', '0', '--seed', '3']
+
+
+def train_cmd(out_dir, name, *extra):
+    return [sys.executable, str(ROOT / 'train.py'), *BASE, '--out-dir', str(out_dir), '--name', name, *extra]
+
+
+def run_train(out_dir, name, *extra, devices=None):
+    env = dict(os.environ)
+    if devices:
+        env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    result = subprocess.run(train_cmd(out_dir, name, *extra), capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def final_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
+    config = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY)
+    _, state = create_train_state(make_model(config, initialize=False), make_optimizer(config), 0)
+    ckpt = TrainCheckpointer(run_dir / 'checkpoints', asynchronous=False)
+    restored, _ = ckpt.restore(abstract_like(state, replicated(data_mesh())), step)
+    return {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in restored.params.flat_state()} | {
+        'ema/' + '/'.join(map(str, k)): np.asarray(v[...]) for k, v in restored.ema_params.flat_state()}
+
+
+def assert_same_params(a, b, rtol=0., atol=0.):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+    """An uninterrupted 8-step run, with a demo grid and metrics."""
+    out = tmp_path_factory.mktemp('runs')
+    result = run_train(out, 'ref', '--end-step', '8', '--save-every', '4', '--demo-every', '4')
+    return out / 'ref', result
+
+
+def test_run_writes_checkpoints_metrics_tensorboard_and_demo_grids(reference_run):
+    run_dir, result = reference_run
+    assert 'fresh start' in result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith(f'run directory: {run_dir.absolute()}')
+    assert TrainCheckpointer(run_dir / 'checkpoints', asynchronous=False).manager.all_steps() == [4, 8]
+    assert (run_dir / 'demo_00000004.png').exists() and (run_dir / 'demo_00000008.png').exists()
+    lines = (run_dir / 'metrics.csv').read_text().splitlines()
+    assert {'step', 'loss', 'lr', 'ema_decay', 'images_per_s', 'skipped', 'skipped_images'} <= set(lines[0].split(','))
+    assert len(lines) >= 2
+    assert list((run_dir / 'tb').glob('events.out.tfevents.*'))
+
+
+def test_rerunning_the_same_command_resumes_exactly(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    run_train(tmp_path, 'split', '--end-step', '4', '--save-every', '100')
+    second = run_train(tmp_path, 'split', '--end-step', '8', '--save-every', '100')
+    assert 'resumed from' in second.stdout + second.stderr and 'step 4' in second.stdout + second.stderr
+    assert_same_params(final_params(tmp_path / 'split'), final_params(ref_dir))
+
+
+def test_resume_on_a_different_device_count(reference_run, tmp_path):
+    ref_dir, _ = reference_run
+    run_train(tmp_path, 'devices', '--end-step', '4', devices=4)
+    run_train(tmp_path, 'devices', '--end-step', '8', devices=2)
+    assert_same_params(final_params(tmp_path / 'devices'), final_params(ref_dir), rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(train_cmd(tmp_path, 'term', '--save-every', '100000'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 600
+    while not (tmp_path / 'term' / 'metrics.csv').exists():  # written after the first step
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert 'SIGTERM received' in out + err
+    steps = TrainCheckpointer(tmp_path / 'term' / 'checkpoints', asynchronous=False).manager.all_steps()
+    assert len(steps) == 1 and steps[0] >= 1
+
+
+def test_sigkill_during_a_save_loses_nothing(reference_run, tmp_path):
+    """Killed while a checkpoint is being written, the next run resumes from the last complete one and ends where an
+    uninterrupted run ends."""
+    ref_dir, _ = reference_run
+    ckpt_dir = tmp_path / 'kill' / 'checkpoints'
+    proc = subprocess.Popen(train_cmd(tmp_path, 'kill', '--save-every', '1', '--end-step', '8'),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    killed_during = None
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        partial = [p.name for p in ckpt_dir.glob('*') if 'tmp' in p.name] if ckpt_dir.exists() else []
+        complete = [p for p in ckpt_dir.glob('*') if p.name.isdigit()] if ckpt_dir.exists() else []
+        if partial and complete:
+            proc.send_signal(signal.SIGKILL)
+            killed_during = partial
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert killed_during, 'the run finished before a save could be interrupted'
+    assert proc.returncode == -signal.SIGKILL
+    last_complete = TrainCheckpointer(ckpt_dir, asynchronous=False).latest_step()
+    assert last_complete is not None and last_complete < 8
+    resumed = run_train(tmp_path, 'kill', '--save-every', '100', '--end-step', '8')
+    assert f'step {last_complete}' in resumed.stdout + resumed.stderr
+    assert_same_params(final_params(tmp_path / 'kill', 8), final_params(ref_dir, 8))
