@@ -38,3 +38,18 @@ def save_grid(images, path: str | Path, nrow: int | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     to_pil(make_grid(to_uint8(images), nrow)).save(path)
     return path
+
+
+def save_animation(frames, path: str | Path, fps: int = 10, nrow: int | None = None) -> Path:
+    """Save [T, N, H, W, C] frames in [-1, 1] as an animated grid: .gif (Pillow) or .mp4 (imageio-ffmpeg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grids = [make_grid(to_uint8(f), nrow) for f in frames]
+    if path.suffix == '.gif':
+        images = [to_pil(g) for g in grids]
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    else:
+        import imageio
+        rgb = [np.repeat(g, 3, axis=-1) if g.shape[-1] == 1 else g for g in grids]
+        imageio.mimwrite(path, rgb, fps=fps, macro_block_size=1)
+    return path

@@ -55,4 +55,4 @@ def test_grow_matches_k_diffusion(old, new):
 
 def test_grow_rejects_other_architecture_changes():
     with pytest.raises(ValueError, match='only skip_stages and patch_size may differ'):
-        grow_model(make_model(small_config()), small_config(), small_config(channels=[32, 48, 64]))
+        grow_model(make_model(small_config(), initialize=False), small_config(), small_config(channels=[32, 48, 64]))

@@ -3,7 +3,6 @@ same on 1 and 4 devices."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -144,104 +143,87 @@ def test_non_finite_micro_batch_is_skipped_and_counted():
     assert np.isfinite(float(metrics['loss'])) and int(state.ema_updates) == 1 and int(state.skipped) == 1
 
 
-DEVICE_SCRIPT = '''
-import os, sys, json
+def three_sharded_steps(process_id: int = 0, num_processes: int = 1) -> dict[str, np.ndarray]:
+    """Train tiny_config (dropout on) for 3 steps over all devices of all processes, each process feeding its rows
+    of the global batch; returns the parameters (host copies, by path)."""
+    from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
+    config = tiny_config(**{'model.dropout_rate': 0.2})
+    mesh = data_mesh()
+    assert mesh.size == jax.device_count() and jax.process_count() == num_processes
+    tx = make_optimizer(config)
+    train_model, state = create_train_state(make_model(config, seed=1), tx, seed=7)
+    state = replicate(state, mesh)
+    step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
+    rng = np.random.default_rng(0)
+    rows = 8 // num_processes
+    for _ in range(3):
+        batch = {'image': np.tanh(rng.standard_normal((8, 8, 8, 3))).astype(np.float32),
+                 'aug_cond': (rng.standard_normal((8, 9)) * 0.2).astype(np.float32)}
+        local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in batch.items()}  # this host's rows
+        state, _ = step(state, shard_batch(local, mesh))
+    assert state.params['inner_model']['proj_in']['kernel'].sharding.is_fully_replicated
+    params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+    return {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in params.flat_state()}
+
+
+@pytest.fixture(scope='module')
+def one_device_params():
+    assert jax.device_count() == 1
+    return three_sharded_steps()
+
+
+def assert_params_close(ours, reference):
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_allclose(ours[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+DEVICES_SCRIPT = '''
+import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[1]
-import jax, numpy as np
 sys.path.insert(0, sys.argv[3])
-from tests.test_train_step import tiny_config
-from kdiff_jax.factory import make_model
-from kdiff_jax.training.optimizer import make_optimizer
-from kdiff_jax.training.state import create_train_state
-from kdiff_jax.training.step import make_train_step
-from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
-config = tiny_config(**{"model.dropout_rate": 0.2})
+import jax, numpy as np
+from tests.test_train_step import three_sharded_steps
 assert len(jax.devices()) == int(sys.argv[1])
-mesh = data_mesh()
-tx = make_optimizer(config)
-train_model, state = create_train_state(make_model(config, seed=1), tx, seed=7)
-state = replicate(state, mesh)
-step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
-rng = np.random.default_rng(0)
-for _ in range(3):
-    batch = {"image": np.tanh(rng.standard_normal((8, 8, 8, 3))).astype(np.float32),
-             "aug_cond": (rng.standard_normal((8, 9)) * 0.2).astype(np.float32)}
-    state, metrics = step(state, shard_batch(batch, mesh))
-assert state.params["inner_model"]["proj_in"]["kernel"].sharding.is_fully_replicated
-np.savez(sys.argv[2], **{"/".join(map(str, k)): np.asarray(v[...]) for k, v in state.params.flat_state()})
+np.savez(sys.argv[2], **three_sharded_steps())
 '''
 
 
-def test_one_and_four_devices_train_the_same_parameters(tmp_path):
-    out = {}
-    for n in (1, 4):
-        path = tmp_path / f'params_{n}.npz'
-        result = subprocess.run([sys.executable, '-c', DEVICE_SCRIPT, str(n), str(path), str(ROOT)],
-                                capture_output=True, text=True, cwd=ROOT, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        out[n] = dict(np.load(path))
+def test_one_and_four_devices_train_the_same_parameters(one_device_params, tmp_path):
+    result = subprocess.run([sys.executable, '-c', DEVICES_SCRIPT, '4', str(tmp_path / 'four.npz'), str(ROOT)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_params_close(dict(np.load(tmp_path / 'four.npz')), one_device_params)
     start = {'/'.join(map(str, k)): np.asarray(v[...])
              for k, v in create_train_state(make_model(tiny_config(), seed=1), make_optimizer(tiny_config()), 7)[1]
              .params.flat_state()}
-    assert out[1].keys() == out[4].keys()
-    moved = 0
-    for key in out[1]:
-        np.testing.assert_allclose(out[4][key], out[1][key], rtol=1e-5, atol=1e-6, err_msg=key)
-        moved += not np.array_equal(out[1][key], start[key])
-    assert moved == len(out[1])  # every parameter was trained
+    assert all(not np.array_equal(one_device_params[k], start[k]) for k in start)  # every parameter was trained
 
 
 MULTIHOST_SCRIPT = '''
 import sys
-import jax, numpy as np
-process_id, num_processes, port, out, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+process_id, port, out, root = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 sys.path.insert(0, root)
-if num_processes > 1:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=num_processes,
-                               process_id=process_id)
-from tests.test_train_step import tiny_config
-from kdiff_jax.factory import make_model
-from kdiff_jax.training.optimizer import make_optimizer
-from kdiff_jax.training.state import create_train_state
-from kdiff_jax.training.step import make_train_step
-from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
-config = tiny_config(**{"model.dropout_rate": 0.2})
-mesh = data_mesh()
-assert mesh.size == jax.device_count() and jax.process_count() == num_processes
-tx = make_optimizer(config)
-train_model, state = create_train_state(make_model(config, seed=1), tx, seed=7)
-state = replicate(state, mesh)
-step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
-rng = np.random.default_rng(0)
-rows = 8 // num_processes
-for _ in range(3):
-    batch = {"image": np.tanh(rng.standard_normal((8, 8, 8, 3))).astype(np.float32),
-             "aug_cond": (rng.standard_normal((8, 9)) * 0.2).astype(np.float32)}
-    local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in batch.items()}  # this host's rows
-    state, metrics = step(state, shard_batch(local, mesh))
+import jax, numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2, process_id=process_id)
+from tests.test_train_step import three_sharded_steps
+params = three_sharded_steps(process_id, 2)
 if process_id == 0:
-    params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
-    np.savez(out, **{"/".join(map(str, k)): np.asarray(v[...]) for k, v in params.flat_state()})
+    np.savez(out, **params)
 '''
 
 
-def test_two_processes_train_the_same_parameters_as_one(tmp_path):
+def test_two_processes_train_the_same_parameters_as_one(one_device_params, tmp_path):
     """Multi-host: 2 processes on localhost (CPU gloo collectives) = 1 process with the same global batch."""
     import socket
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = str(s.getsockname()[1])
-    single = subprocess.run([sys.executable, '-c', MULTIHOST_SCRIPT, '0', '1', port, str(tmp_path / 'one.npz'),
-                             str(ROOT)], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    procs = [subprocess.Popen([sys.executable, '-c', MULTIHOST_SCRIPT, str(i), '2', port, str(tmp_path / 'two.npz'),
+    procs = [subprocess.Popen([sys.executable, '-c', MULTIHOST_SCRIPT, str(i), port, str(tmp_path / 'two.npz'),
                                str(ROOT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
              for i in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    one, two = np.load(tmp_path / 'one.npz'), np.load(tmp_path / 'two.npz')
-    assert set(one.files) == set(two.files)
-    for key in one.files:
-        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert_params_close(dict(np.load(tmp_path / 'two.npz')), one_device_params)

@@ -66,3 +66,25 @@ class TrainCheckpointer:
 def abstract_like(state: TrainState, sharding) -> TrainState:
     """Shape/dtype skeleton of `state` with every leaf given `sharding` (e.g. replicated on the current mesh)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def is_run_checkpoint_dir(path: str | Path) -> bool:
+    """Whether `path` is a training run's checkpoints directory (or the run directory holding one)."""
+    path = Path(path)
+    path = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+    return path.is_dir() and any(p.name.isdigit() and (p / 'state').exists() for p in path.iterdir())
+
+
+def load_ema_model(path: str | Path, step: int | None = None):
+    """(EMA network, config) of a training run's latest (or given) checkpoint: what to sample from."""
+    from ..factory import make_model
+    from .optimizer import make_optimizer
+    from .sharding import data_mesh, replicated
+    from .state import create_train_state
+    path = Path(path)
+    path = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+    checkpointer = TrainCheckpointer(path, asynchronous=False)
+    config = checkpointer.restore_config(step)
+    train_model, state = create_train_state(make_model(config, initialize=False), make_optimizer(config), 0)
+    restored, _ = checkpointer.restore(abstract_like(state, replicated(data_mesh())), step)
+    return train_model.merge(restored.ema_params, restored.buffers, train=False), config

@@ -1,0 +1,107 @@
+"""Drawing many samples from a checkpoint: what sample.py and the notebook run.
+
+`load_any_denoiser` takes a kdiff_jax checkpoint directory or a PyTorch `.pth`/`.safetensors` (converted on the
+fly with a config). `generate` draws n samples in batches sharded over all local devices; sample k's randomness
+comes from (seed, k) alone, so the images do not depend on the batch size or the device count.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from .denoisers import Denoiser
+from .sampling.api import RANGE_SAMPLERS, SCHEDULES, get_sampler, get_sigmas, sample
+from .sampling.noise import initial_noise, sample_keys
+
+TORCH_SUFFIXES = ('.pth', '.pt', '.ckpt', '.safetensors')
+
+
+def load_any_denoiser(path: str | Path, config=None, which: str = 'model_ema') -> tuple[Denoiser, object]:
+    """(denoiser, config) from a kdiff_jax checkpoint directory (converted model, or a training run: its latest EMA
+    weights), or a PyTorch checkpoint converted on the fly."""
+    from .checkpoint import load_checkpoint_config, load_model
+    from .config import ConfigError, load_config
+    from .factory import make_denoiser
+    path = Path(path)
+    if path.suffix in TORCH_SUFFIXES:
+        if config is None:
+            raise ConfigError(f'{path} is a PyTorch checkpoint, which holds no config: pass --config '
+                              '(e.g. configs/cars128.py)')
+        from .interop import model_from_torch_checkpoint
+        config = load_config(config) if isinstance(config, (str, Path)) else config
+        return make_denoiser(config, model_from_torch_checkpoint(path, config, which=which)), config
+    from .training.checkpointing import is_run_checkpoint_dir, load_ema_model
+    if is_run_checkpoint_dir(path):
+        model, config = load_ema_model(path)
+        return make_denoiser(config, model), config
+    config = load_checkpoint_config(path) if config is None else (
+        load_config(config) if isinstance(config, (str, Path)) else config)
+    return make_denoiser(config, load_model(path, config)), config
+
+
+@dataclass
+class SamplingPlan:
+    """What to draw: the sampler, its σ schedule and its keyword arguments, validated up front."""
+    sampler: str = 'dpmpp_2m'
+    steps: int = 50
+    schedule: str = 'karras'
+    sigma_min: float = 0.01
+    sigma_max: float = 80.
+    rho: float | None = None
+    options: dict = field(default_factory=dict)  # e.g. s_churn, s_tmin, s_tmax, s_noise, eta
+
+    def __post_init__(self):
+        fn = get_sampler(self.sampler)  # raises for an unknown name
+        if self.steps < 1:
+            raise ValueError(f'steps must be >= 1, got {self.steps}')
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f'need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, '
+                             f'sigma_max={self.sigma_max}')
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f'unknown schedule {self.schedule!r}; expected one of {", ".join(SCHEDULES)}')
+        accepted = inspect.signature(fn).parameters
+        wrong = [k for k in self.options if k not in accepted]
+        if wrong:
+            options = [k for k in accepted if k not in ('model', 'x', 'sigmas', 'extra_args', 'callback', 'disable',
+                                                         'noise_sampler', 'key', 'sigma_min', 'sigma_max', 'n')]
+            raise ValueError(f'sampler {self.sampler} does not take {", ".join(wrong)}; its options are: '
+                             f'{", ".join(options) or "none"}')
+
+    def sigmas(self):
+        return get_sigmas(self.schedule, self.steps, self.sigma_min, self.sigma_max, self.rho)
+
+
+def _batch_sharding():
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('data',))
+    return mesh.size, NamedSharding(mesh, P('data'))
+
+
+def generate(denoiser: Denoiser, config: Mapping, plan: SamplingPlan, n: int, *, batch_size: int = 64,
+             seed: int = 0, record: bool = False, progress: bool = True):
+    """n samples in [N, H, W, C] (roughly [-1, 1]); with `record`, also the denoised prediction at every step of
+    the first batch, [steps, B, H, W, C] (for trajectory videos)."""
+    m = config['model']
+    n_devices, sharding = _batch_sharding()
+    batch_size = max(n_devices, -(-min(batch_size, n) // n_devices) * n_devices)  # a multiple of the devices
+    sigmas = plan.sigmas()
+    frames, outputs = [], []
+    callback = (lambda info: frames.append(np.asarray(info['denoised']))) if record else None
+    for start in tqdm(range(0, n, batch_size), desc=f'sampling ({plan.sampler}, {plan.steps} steps)',
+                      disable=not progress, unit='batch'):
+        indices = jnp.arange(start, start + batch_size, dtype=jnp.uint32)  # padded past n; extras dropped below
+        x = initial_noise(sample_keys(seed, indices), (batch_size, *m['input_size'], m['input_channels']))
+        x = jax.device_put(x * sigmas[0] if plan.sampler not in RANGE_SAMPLERS else x * plan.sigma_max, sharding)
+        out = sample(denoiser, x, sigmas, plan.sampler, seed=seed, indices=indices,
+                     callback=callback if start == 0 else None, **plan.options)
+        outputs.append(np.asarray(out))
+    images = np.concatenate(outputs)[:n]
+    return (images, np.stack(frames)[:, :min(n, batch_size)]) if record else images
