@@ -1,4 +1,4 @@
-# Quick start: `make demo` (arrives with the training issue) and `make test`.
+# Quick start: `make demo` and `make test`.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,8 +19,16 @@ $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo:
-	@echo "make demo arrives with the training issue (train.py on the bundled digits); see README.md"; exit 1
+# The demo: train configs/demo.py on the bundled digits (about 5 minutes on 2 CPU cores; the loss falls from ~1.5 to
+# ~0.2 and the grids show digit shapes), then sample a grid from the EMA weights with sample.py. Re-running resumes.
+DEMO_STEPS ?= 1200
+demo: $(STAMP)
+	$(PY) train.py --config configs/demo.py --name demo --batch-size 32 --end-step $(DEMO_STEPS) \
+		--demo-every 400 --save-every 400 --sample-n 64
+	$(PY) sample.py --checkpoint runs/demo --sampler dpmpp_2m --steps 50 -n 64 --grid --video \
+		--prefix runs/demo/samples/digit
+	@echo "demo outputs: runs/demo/samples/digit_grid.png (samples), runs/demo/samples/digit_trajectory.gif," \
+		"runs/demo/demo_*.png (grids during training), runs/demo/metrics.csv and runs/demo/tb (tensorboard --logdir runs)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
