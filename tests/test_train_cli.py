@@ -42,8 +42,8 @@ def run_train(out_dir, name, *extra, devices=None):
     return result
 
 
-def final_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
-    config = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY)
+def final_params(run_dir: Path, step: int | None = None, overrides=()) -> dict[str, np.ndarray]:
+    config = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY + list(overrides))
     _, state = create_train_state(make_model(config, initialize=False), make_optimizer(config), 0)
     ckpt = TrainCheckpointer(run_dir / 'checkpoints', asynchronous=False)
     restored, _ = ckpt.restore(abstract_like(state, replicated(data_mesh())), step)
@@ -132,3 +132,45 @@ def test_sigkill_during_a_save_loses_nothing(reference_run, tmp_path):
     resumed = run_train(tmp_path, 'kill', '--save-every', '100', '--end-step', '8')
     assert f'step {last_complete}' in resumed.stdout + resumed.stderr
     assert_same_params(final_params(tmp_path / 'kill', 8), final_params(ref_dir, 8))
+
+
+def test_resume_accepts_a_pytorch_train_checkpoint(tmp_path):
+    """--resume run.pth: a k-diffusion train.py checkpoint (weights, EMA, AdamW state, step) continues here."""
+    import torch
+    from kdiff_jax.config import to_kdiffusion_dict
+    from tests.oracle import import_k_diffusion
+    K = import_k_diffusion()
+    config = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY)
+    inner = K.config.make_model(to_kdiffusion_dict(config))
+    opt = torch.optim.AdamW(inner.parameters(), lr=1e-3)
+    inner(torch.randn(2, 1, 8, 8), torch.ones(2)).square().mean().backward()
+    opt.step()
+    torch.save({'model': inner.state_dict(), 'model_ema': inner.state_dict(), 'opt': opt.state_dict(),
+                'sched': {}, 'ema_sched': {'last_epoch': 1}, 'epoch': 0, 'step': 41, 'gns_stats': None},
+               tmp_path / 'run.pth')
+    result = run_train(tmp_path, 'from_torch', '--resume', tmp_path / 'run.pth', '--end-step', '44')
+    assert 'continued PyTorch run' in result.stdout + result.stderr and 'at step 42' in result.stdout + result.stderr
+    assert TrainCheckpointer(tmp_path / 'from_torch' / 'checkpoints', asynchronous=False).latest_step() == 44
+
+
+def test_grow_from_a_run_through_the_cli(tmp_path):
+    """--grow RUN --grow-config OLD: a skip_stages 1 run grown into the skip_stages 0 model, then trained on."""
+    import json
+    from kdiff_jax.config import config_to_dict
+    old = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY + ['--config.model.skip_stages=1'])
+    (tmp_path / 'old.json').write_text(json.dumps(config_to_dict(old)))
+    run_train(tmp_path, 'small', '--config.model.skip_stages=1', '--end-step', '2')
+    grown = run_train(tmp_path, 'grown', '--grow', tmp_path / 'small', '--grow-config', tmp_path / 'old.json',
+                      '--end-step', '2')
+    assert 'grown from' in grown.stdout + grown.stderr
+    params = final_params(tmp_path / 'grown')
+    old = final_params(tmp_path / 'small', overrides=['--config.model.skip_stages=1'])
+    assert params.keys() == old.keys()
+    moved_at_most = 2 * 1e-3 * 1.01  # two AdamW steps at lr 1e-3 move each weight by at most ~lr per step
+    for key, value in params.items():
+        if key.startswith('ema/'):
+            continue
+        if 'proj_out' in key:  # zeroed by the grow, then two steps
+            assert np.abs(value).max() <= moved_at_most, key
+        elif 'proj_in' not in key:  # everything else starts from the old run's EMA weights
+            assert np.abs(value - old['ema/' + key]).max() <= moved_at_most, key

@@ -75,8 +75,10 @@ def is_run_checkpoint_dir(path: str | Path) -> bool:
     return path.is_dir() and any(p.name.isdigit() and (p / 'state').exists() for p in path.iterdir())
 
 
-def load_ema_model(path: str | Path, step: int | None = None):
-    """(EMA network, config) of a training run's latest (or given) checkpoint: what to sample from."""
+def load_ema_model(path: str | Path, step: int | None = None, config=None):
+    """(EMA network, config) of a training run's latest (or given) checkpoint: what to sample from.
+
+    `path` is the run directory or its checkpoints/; the config stored in the checkpoint is used unless given."""
     from ..factory import make_model
     from .optimizer import make_optimizer
     from .sharding import data_mesh, replicated
@@ -84,7 +86,7 @@ def load_ema_model(path: str | Path, step: int | None = None):
     path = Path(path)
     path = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
     checkpointer = TrainCheckpointer(path, asynchronous=False)
-    config = checkpointer.restore_config(step)
+    config = checkpointer.restore_config(step) if config is None else config
     train_model, state = create_train_state(make_model(config, initialize=False), make_optimizer(config), 0)
     restored, _ = checkpointer.restore(abstract_like(state, replicated(data_mesh())), step)
     return train_model.merge(restored.ema_params, restored.buffers, train=False), config

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from ..factory import make_model
+from ..factory import abstract_model, make_model
 from ..models.layers import Buffer
 from ..variables import assign_variables, path_to_str, saved_variables
 
@@ -23,18 +23,17 @@ def grow_model(old_model: nnx.Module, old_config, new_config, *, seed: int = 0) 
     old_m, new_m = old_config['model'], new_config['model']
     new_stages = old_m['skip_stages'] != new_m['skip_stages']
     reshaped = new_stages or old_m['patch_size'] != new_m['patch_size']
-    new_model = make_model(new_config, seed=seed)
-    old_vars, new_vars = saved_variables(old_model), saved_variables(new_model)
-    values = {}
-    for path, var in new_vars.items():
-        resampler = isinstance(var, Buffer) and path[-1] == 'kernel'
-        fresh = (reshaped and any(name in path for name in _RECREATED)) or (new_stages and resampler)
-        if fresh or path not in old_vars:
-            values[path] = var[...]
-        elif old_vars[path].shape != var.shape:
+    old_vars = saved_variables(old_model)
+    for path, var in saved_variables(abstract_model(new_config)).items():  # check shapes before initialising
+        reshaped_here = reshaped and any(name in path for name in _RECREATED)
+        if path in old_vars and not reshaped_here and old_vars[path].shape != var.shape:
             raise ValueError(f'cannot grow: {path_to_str(path)} has shape {old_vars[path].shape} in the old model '
                              f'and {var.shape} in the new one; only skip_stages and patch_size may differ')
-        else:
-            values[path] = old_vars[path][...]
+    new_model = make_model(new_config, seed=seed)
+    values = {}
+    for path, var in saved_variables(new_model).items():
+        resampler = isinstance(var, Buffer) and path[-1] == 'kernel'
+        fresh = (reshaped and any(name in path for name in _RECREATED)) or (new_stages and resampler)
+        values[path] = var[...] if fresh or path not in old_vars else old_vars[path][...]
     assign_variables(new_model, values)
     return new_model

@@ -86,12 +86,9 @@ def _load_grow_source(opts: TrainOptions, config):
     if path.is_dir() and (path / 'config').exists() and (path / 'params').exists():  # a converted model checkpoint
         from ..checkpoint import load_model
         old_model = load_model(path, old_config)
-    elif path.is_dir():  # a kdiff_jax training run's checkpoints: its EMA weights
-        old_model = make_model(old_config, initialize=False)
-        tx = make_optimizer(old_config)
-        train_model, state = create_train_state(old_model, tx, 0)
-        restored, _ = TrainCheckpointer(path, asynchronous=False).restore(abstract_like(state, replicated(data_mesh())))
-        old_model = train_model.merge(restored.ema_params, restored.buffers, train=False)
+    elif path.is_dir():  # a kdiff_jax training run (or its checkpoints/): its EMA weights
+        from .checkpointing import load_ema_model
+        old_model, _ = load_ema_model(path, config=old_config)
     else:  # a PyTorch checkpoint: its model_ema
         from ..interop import model_from_torch_checkpoint
         old_model = model_from_torch_checkpoint(path, old_config, which='model_ema')

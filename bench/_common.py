@@ -1,0 +1,254 @@
+"""Shared machinery of the bench/ scripts: same weights on both sides, one subprocess per side, load bookkeeping.
+
+Every measurement runs in a fresh worker process (`python bench/<script>.py --worker '<json>'`) so that
+  * the peak resident memory of each side is its own (the worker reports /proc/self/status VmHWM, and VmRSS after
+    its imports, before any model exists),
+  * PyTorch's OpenMP threads (which spin after each op) never compete with XLA's thread pool,
+  * neither side benefits from the other's warm caches.
+The parent writes the weights once (a perturbed random k-diffusion model, so no tensor is zero) to an .npz file that
+both workers load: the same converted weights on both sides. The JAX worker never imports torch.
+
+Load hygiene: the machine is shared. `wait_for_quiet` waits for the 1-minute load average to drop below a threshold
+before a script starts, and every worker run is bracketed by /proc/stat samples: the CPU time the whole machine
+spent minus the worker's own CPU time, divided by the wall time, is the CPU (in cores) that *other* processes used
+during the measurement ("others"). A run during which others used more than `--max-others` cores is repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+USER_HZ = os.sysconf('SC_CLK_TCK')
+
+
+# ---------------------------------------------------------------------------------------------------- load bookkeeping
+
+def loadavg() -> float:
+    return float(Path('/proc/loadavg').read_text().split()[0])
+
+
+def _busy_seconds() -> float:
+    fields = Path('/proc/stat').read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / USER_HZ
+
+
+def busy_cores(window_s: float = 2.) -> float:
+    """CPU cores busy (all processes) over the next `window_s` seconds; call while no worker of ours runs."""
+    b0, t0 = _busy_seconds(), time.perf_counter()
+    time.sleep(window_s)
+    return (_busy_seconds() - b0) / (time.perf_counter() - t0)
+
+
+def wait_for_quiet(max_load: float = 1.3, max_wait_s: float = 600., quiet=None) -> float:
+    """Wait until the 1-min load average is below `max_load` (at most `max_wait_s`); returns the load then."""
+    start = time.time()
+    while True:
+        load = loadavg()
+        if load < max_load:
+            return load
+        if time.time() - start > max_wait_s:
+            print(f'WARNING: 1-min load still {load:.2f} after {max_wait_s:.0f} s; measuring anyway', file=sys.stderr)
+            return load
+        if quiet is None:
+            print(f'waiting for the machine to settle: 1-min load {load:.2f} >= {max_load}', file=sys.stderr)
+        time.sleep(10)
+
+
+def wait_for_idle_others(max_cores: float = 0.2, max_wait_s: float = 300.) -> float:
+    """Wait until other processes use less than `max_cores` cores (2-s windows); returns the last sample."""
+    start = time.time()
+    while True:
+        busy = busy_cores()
+        if busy < max_cores or time.time() - start > max_wait_s:
+            return busy
+        time.sleep(3)
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+def run_worker(script: str, spec: dict, *, env: dict | None = None, max_others: float = 0.3, retries: int = 2,
+               timeout: float = 900.) -> dict:
+    """Run `script --worker spec` in a fresh process; returns its result dict plus load fields.
+
+    Added fields: wall_s (of the whole process), others_cores (CPU used by other processes during it),
+    load_start (1-min load average when it started), attempts.
+    """
+    best = None
+    for attempt in range(1, retries + 2):
+        wait_for_idle_others()
+        load_start = loadavg()
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        b0, t0 = _busy_seconds(), time.perf_counter()
+        proc = subprocess.run([sys.executable, script, '--worker', json.dumps(spec)], capture_output=True, text=True,
+                              env=None if env is None else {**os.environ, **env}, timeout=timeout, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        busy = _busy_seconds() - b0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise RuntimeError(f'worker {spec} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}')
+        own = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        result = json.loads(proc.stdout.rsplit('RESULT ', 1)[1])
+        result.update(wall_s=wall, others_cores=max(0., (busy - own) / wall), load_start=load_start, attempts=attempt)
+        if best is None or result['others_cores'] < best['others_cores']:
+            best = result
+        if result['others_cores'] <= max_others:
+            break
+        print(f'  (others used {result["others_cores"]:.2f} cores during {spec.get("side")}: repeating)',
+              file=sys.stderr)
+    return best
+
+
+def memory_status() -> dict:
+    """VmHWM (peak resident set) and VmRSS of this process, in MiB."""
+    out = {}
+    for line in Path('/proc/self/status').read_text().splitlines():
+        key, _, value = line.partition(':')
+        if key in ('VmHWM', 'VmRSS'):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def worker_main(handlers: dict) -> bool:
+    """If this process was started as a worker, run handlers[spec['side']](spec), print its result, return True."""
+    if len(sys.argv) < 3 or sys.argv[1] != '--worker':
+        return False
+    spec = json.loads(sys.argv[2])
+    rss_after_imports = memory_status()['VmRSS']
+    result = handlers[spec['side']](spec)
+    mem = memory_status()
+    result.update(peak_rss_mb=mem['VmHWM'], rss_after_imports_mb=rss_after_imports)
+    print('RESULT ' + json.dumps(result), flush=True)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def repeats_for(first_s: float, target_s: float, lo: int = 2, hi: int = 10) -> int:
+    """How many timed repeats fit in about `target_s` given one call takes `first_s`."""
+    return int(max(lo, min(hi, round(target_s / max(first_s, 1e-6)))))
+
+
+# ---------------------------------------------------------------------------------------------------- models / weights
+
+def load_bench_config(name: str):
+    from kdiff_jax.config import load_config
+    return load_config(str(ROOT / 'configs' / f'{name}.py'))
+
+
+def write_weights(config_name: str, path: Path, seed: int = 0, scale: float = 0.02) -> Path:
+    """A k-diffusion model of `config_name` with random weights, every tensor perturbed (so proj_out is not zero and
+    the output depends on the whole network), saved as a state_dict .npz."""
+    import numpy as np
+    import torch
+    from kdiff_jax.config import to_kdiffusion_dict
+    from tests.oracle import import_k_diffusion
+    K = import_k_diffusion()
+    torch.manual_seed(seed)
+    model = K.config.make_model(to_kdiffusion_dict(load_bench_config(config_name)))
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in model.state_dict().items():
+        state[k] = (v + torch.randn(v.shape, generator=gen) * scale).numpy()
+    np.savez(path, **state)
+    return path
+
+
+def jax_model(config_name: str, weights: str):
+    """(config, network) of kdiff_jax with the weights of `weights` (.npz state_dict); no torch import."""
+    import numpy as np
+    from kdiff_jax.factory import make_model
+    from kdiff_jax.interop import load_state_dict
+    config = load_bench_config(config_name)
+    model = make_model(config, initialize=False)
+    with np.load(weights) as f:
+        load_state_dict(model, {k: f[k] for k in f.files})
+    return config, model
+
+
+def torch_model(config_name: str, weights: str):
+    """(config, k-diffusion inner model, its Karras denoiser wrapper) with the weights of `weights`."""
+    import numpy as np
+    import torch
+    from kdiff_jax.config import to_kdiffusion_dict
+    from tests.oracle import import_k_diffusion
+    K = import_k_diffusion()
+    config = load_bench_config(config_name)
+    kd = to_kdiffusion_dict(config)
+    inner = K.config.make_model(kd)
+    with np.load(weights) as f:
+        inner.load_state_dict({k: torch.from_numpy(f[k]) for k in f.files}, strict=True)
+    return config, inner, K.config.make_denoiser_wrapper(kd)(inner), K
+
+
+def jax_matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t, _ = median_time(lambda: f(a).block_until_ready(), repeats)
+    return 2 * n ** 3 / t / 1e9
+
+
+def torch_matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+    a = torch.randn(n, n)
+    a @ a
+    t, _ = median_time(lambda: a @ a, repeats)
+    return 2 * n ** 3 / t / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+
+def machine_header(title: str) -> str:
+    import importlib.metadata as md
+    model = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith('Model name:'):
+                model = line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+
+    def v(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return '?'
+    return (f'# {title}\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {model}, {os.cpu_count()} cores · '
+            f'jax {v("jax")}, jaxlib {v("jaxlib")}, flax {v("flax")}, torch {v("torch")}, '
+            f'k-diffusion {v("k-diffusion")} · XLA_FLAGS={os.environ.get("XLA_FLAGS", "") or "(none)"}')
+
+
+def temp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix='kdiff_bench_'))
+
+
+def rel_err(a, b) -> float:
+    import numpy as np
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
