@@ -69,7 +69,7 @@ def wait_for_quiet(max_load: float = 1.3, max_wait_s: float = 600., quiet=None) 
         time.sleep(10)
 
 
-def wait_for_idle_others(max_cores: float = 0.2, max_wait_s: float = 300.) -> float:
+def wait_for_idle_others(max_cores: float = 0.2, max_wait_s: float = float(os.environ.get("BENCH_IDLE_WAIT_S", 300))) -> float:
     """Wait until other processes use less than `max_cores` cores (2-s windows); returns the last sample."""
     start = time.time()
     while True:

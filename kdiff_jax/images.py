@@ -49,7 +49,11 @@ def save_animation(frames, path: str | Path, fps: int = 10, nrow: int | None = N
         images = [to_pil(g) for g in grids]
         images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     else:
+        import warnings
+
         import imageio
         rgb = [np.repeat(g, 3, axis=-1) if g.shape[-1] == 1 else g for g in grids]
-        imageio.mimwrite(path, rgb, fps=fps, macro_block_size=1)
+        with warnings.catch_warnings():  # imageio-ffmpeg starts ffmpeg with subprocess; it does not touch JAX
+            warnings.filterwarnings('ignore', message='os.fork', category=RuntimeWarning)
+            imageio.mimwrite(path, rgb, fps=fps, macro_block_size=1)
     return path

@@ -30,8 +30,10 @@ class Buffer(nnx.Variable):
 
 
 def gelu(x):
-    """GELU in its exact erf form, as `torch.nn.GELU()` (Flax's default is the tanh approximation)."""
-    return jax.nn.gelu(x, approximate=False)
+    """GELU in its exact erf form, x·(1 + erf(x/√2))/2, as `torch.nn.GELU()` computes it (Flax's default is the tanh
+    approximation). Written out rather than `jax.nn.gelu(approximate=False)`, which uses erfc(−x/√2): the same
+    function, but XLA:CPU's erfc is ~3× slower than its erf (2.6× on the whole GELU, measured at 64²×128)."""
+    return x * 0.5 * (1 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
 class GELU(nnx.Module):
@@ -164,31 +166,43 @@ class CrossAttention2d(ConditionedModule):
 _LINEAR_TAPS = (1 / 8, 3 / 8, 3 / 8, 1 / 8)
 
 
-def _depthwise(x, kernel_2d, **conv_kwargs):
-    c = x.shape[-1]
-    kernel = jnp.broadcast_to(kernel_2d.astype(x.dtype)[:, :, None, None], (*kernel_2d.shape, 1, c))
-    return jax.lax.conv_general_dilated(x, kernel, padding=((0, 0), (0, 0)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                        feature_group_count=c, **conv_kwargs)
+def _weighted_sum(terms):
+    """Σ w·x over (x, w) pairs, left to right (XLA fuses the whole sum into one elementwise loop)."""
+    acc = None
+    for x, w in terms:
+        acc = x * w if acc is None else acc + x * w
+    return acc
 
 
 class Downsample2d(nnx.Module):
-    """Anti-aliased 2× downsampling: reflect-pad 1, depthwise 4×4 filter, stride 2."""
+    """Anti-aliased 2× downsampling: reflect-pad 1, then the 4×4 filter applied to every channel, stride 2.
+
+    PyTorch runs it as a dense c→c `conv2d` whose weight is the filter on the diagonal. Here it is the equivalent
+    sum of 16 strided slices, each times one filter tap: XLA:CPU runs a depthwise convolution as a slow generic
+    convolution, while the slices fuse into one elementwise loop.
+    """
 
     def __init__(self):
         taps = jnp.asarray(_LINEAR_TAPS, jnp.float32)
         self.kernel = Buffer(jnp.outer(taps, taps))
 
     def __call__(self, x):
-        pad = self.kernel.shape[0] // 2 - 1
+        kernel = self.kernel[...].astype(x.dtype)
+        k = kernel.shape[0]
+        pad = k // 2 - 1
+        h, w = x.shape[1] // 2, x.shape[2] // 2
         x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
-        return _depthwise(x, self.kernel[...], window_strides=(2, 2))
+        return _weighted_sum((x[:, i:i + 2 * h - 1:2, j:j + 2 * w - 1:2], kernel[i, j])
+                             for i in range(k) for j in range(k))
 
 
 class Upsample2d(nnx.Module):
     """2× upsampling: reflect-pad 1, then PyTorch's `conv_transpose2d(stride=2, padding=3)` with the 4×4 filter.
 
-    A transposed convolution is a correlation of the 2×-dilated input with the spatially flipped kernel; with
-    padding 3 = kernel − 1 no extra border is added.
+    In polyphase form: output pixel (2m + a, 2n + b) = Σ_{s,t ∈ {0,1}} x_pad[m + a + s, n + b + t] ·
+    kernel[3 − a − 2s, 3 − b − 2t] (a transposed convolution adds x_pad[i]·kernel[k] to output i·2 + k − 3). The
+    four phases are sums of shifted slices (one fused elementwise loop) interleaved by a reshape; XLA:CPU would run
+    the equivalent input-dilated depthwise convolution as a slow generic convolution.
     """
 
     def __init__(self):
@@ -196,9 +210,17 @@ class Upsample2d(nnx.Module):
         self.kernel = Buffer(jnp.outer(taps, taps))
 
     def __call__(self, x):
-        pad = self.kernel.shape[0] // 4  # PyTorch: (taps // 2 - 1 + 1) // 2
-        x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
-        return _depthwise(x, self.kernel[::-1, ::-1], window_strides=(1, 1), lhs_dilation=(2, 2))
+        kernel = self.kernel[...].astype(x.dtype)
+        if kernel.shape != (4, 4):
+            raise ValueError(f'Upsample2d supports 4×4 filters, got {kernel.shape}')
+        n, h, w, c = x.shape
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+
+        def phase(a, b):
+            return _weighted_sum((x[:, a + s:a + s + h, b + t:b + t + w], kernel[3 - a - 2 * s, 3 - b - 2 * t])
+                                 for s in range(2) for t in range(2))
+        y = jnp.stack([jnp.stack([phase(a, b) for b in range(2)], axis=3) for a in range(2)], axis=2)
+        return y.reshape(n, 2 * h, 2 * w, c)  # [n, h, a, w, b, c] → [n, 2h, 2w, c]
 
 
 class FourierFeatures(nnx.Module):

@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Where the time of one compiled kdiff_jax forward (or train step) goes on XLA:CPU, by HLO operation kind.
+
+  .venv/bin/python bench/profile_model.py [--config cars64] [--batch 1] [--what forward|train] [--top 25]
+
+Runs the compiled program under `jax.profiler.trace` (XLA:CPU emits one trace event per executed thunk), reads
+the trace back with `jax.profiler.ProfileData`, and sums event durations per thunk, classified by the HLO
+instruction it runs (convolution, dot, fusion kind, copy, …) from the optimized HLO text. The per-thunk times are
+wall times on the executing thread, so with two intra-op threads the total can exceed the step's wall time.
+Set XLA_FLAGS in the environment to compare compiler settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def classify(hlo_text: str) -> dict[str, str]:
+    """instruction name → a short kind (for a fusion: its kind plus the main op inside)."""
+    kinds = {}
+    computations = {}
+    current = None
+    for line in hlo_text.splitlines():
+        m = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line.strip())
+        if m and ('->' in line or line.startswith('ENTRY')):
+            current = m.group(1)
+            computations[current] = []
+            continue
+        if current is not None:
+            computations[current].append(line)
+    for lines in computations.values():
+        for line in lines:
+            m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? (\w[\w\-]*)\(', line)
+            if not m:
+                continue
+            name, op = m.group(1), m.group(3)
+            if op == 'fusion':
+                kind = re.search(r'kind=(\w+)', line)
+                calls = re.search(r'calls=%?([\w.\-]+)', line)
+                inner = computations.get(calls.group(1), []) if calls else []
+                body = ' '.join(inner)
+                main = next((k for k in ('convolution', 'dot', 'reduce-window', 'reduce', 'exponential', 'erf',
+                                          'transpose', 'concatenate', 'pad', 'slice') if f' {k}(' in body), 'eltwise')
+                kinds[name] = f'fusion[{kind.group(1) if kind else "?"}:{main}]'
+            else:
+                kinds[name] = op
+    return kinds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--config', default='cars64')
+    p.add_argument('--batch', type=int, default=1)
+    p.add_argument('--what', choices=['forward', 'train'], default='forward')
+    p.add_argument('--runs', type=int, default=3)
+    p.add_argument('--top', type=int, default=25)
+    args = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    jax.config.update('jax_enable_compilation_cache', False)
+    tmp = C.temp_dir()
+    weights = C.write_weights(args.config, tmp / 'w.npz')
+    config, model = C.jax_model(args.config, str(weights))
+    m = config.model
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((args.batch, *m.input_size, m.input_channels)).astype(np.float32))
+    if args.what == 'forward':
+        from kdiff_jax.factory import make_denoiser
+        graphdef, state = nnx.split(make_denoiser(config, model))
+        fn = jax.jit(lambda state, x, s: nnx.merge(graphdef, state)(x, s))
+        fargs = (state, x, jnp.ones((args.batch,), jnp.float32))
+    else:
+        from kdiff_jax.training.optimizer import make_optimizer
+        from kdiff_jax.training.state import create_train_state
+        from kdiff_jax.training.step import make_train_step
+        tx = make_optimizer(config)
+        train_model, state = create_train_state(model, tx, seed=0)
+        fn = jax.jit(make_train_step(config, train_model, tx))
+        batch = {'image': jnp.tanh(x), 'aug_cond': jnp.zeros((args.batch, 9), jnp.float32)}
+        fargs = (state, batch)
+    compiled = fn.lower(*fargs).compile()
+    kinds = classify(compiled.as_text())
+    block = lambda out: jax.block_until_ready(out)
+    block(compiled(*fargs))
+    walls = []
+    trace_dir = tempfile.mkdtemp(prefix='kdiff_trace_')
+    with jax.profiler.trace(trace_dir):
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            block(compiled(*fargs))
+            walls.append(time.perf_counter() - t0)
+    path = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+    per_name = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.name in kinds:
+                    per_name[ev.name] += ev.duration_ns / 1e6 / args.runs
+    per_kind = collections.Counter()
+    for name, ms in per_name.items():
+        per_kind[kinds[name]] += ms
+    total = sum(per_kind.values())
+    print(f'{args.what} {args.config} batch {args.batch}: wall {np.median(walls) * 1e3:.1f} ms per run (median of '
+          f'{args.runs}), thunk time {total:.1f} ms, XLA_FLAGS={C.os.environ.get("XLA_FLAGS", "")!r}, '
+          f'1-min load {C.loadavg():.2f}\n')
+    print('| HLO kind | ms/run | share |\n|---|---|---|')
+    for kind, ms in per_kind.most_common():
+        print(f'| {kind} | {ms:.1f} | {ms / total:.0%} |')
+    print(f'\ntop {args.top} thunks:\n\n| thunk | kind | ms/run |\n|---|---|---|')
+    for name, ms in per_name.most_common(args.top):
+        print(f'| {name} | {kinds[name]} | {ms:.2f} |')
+
+
+if __name__ == '__main__':
+    main()
