@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Training-step throughput, kdiff_jax vs PyTorch k-diffusion 0.0.15, same converted weights, one run.
+
+  .venv/bin/python bench/train_step.py [--config cars64] [--batch 8] [--target-s 20]
+
+One step is k-diffusion's train.py step: noise and σ drawn (the config's density), the Karras loss with dropout on,
+backward, AdamW (the config's hyperparameters), LR schedule step and EMA update. kdiff_jax runs
+`make_train_step` compiled by `jit_train_step` over a 1-device data mesh (state donated); PyTorch runs
+`denoiser.loss(...).mean().backward()`, `opt.step()`, `sched.step()`, `opt.zero_grad()` and `K.utils.ema_update`.
+Each side runs in its own worker process (bench/_common.py); images/s from the median step time after one warm-up
+step (as many steps as fit in --target-s, 2 to 10). The FLOPs of one step are XLA's cost analysis of the compiled
+kdiff_jax step, counted once and used for both sides; the fp32 matmul ceiling is each framework's 2048² matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def jax_worker(spec):
+    import jax
+    import numpy as np
+    from kdiff_jax.training.optimizer import make_optimizer
+    from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
+    from kdiff_jax.training.state import create_train_state
+    from kdiff_jax.training.step import make_train_step
+    jax.config.update('jax_enable_compilation_cache', False)
+    config, model = C.jax_model(spec['config'], spec['weights'])
+    mesh = data_mesh()
+    tx = make_optimizer(config)
+    train_model, state = create_train_state(model, tx, seed=0)
+    state = replicate(state, mesh)
+    step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
+    with np.load(spec['batch']) as f:
+        batch = shard_batch({'image': f['image'], 'aug_cond': f['aug_cond']}, mesh)
+    t0 = C.time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = C.time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost).get('flops', float('nan'))
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], batch)
+        jax.block_until_ready((holder[0], metrics))
+        return metrics
+    t0 = C.time.perf_counter()
+    metrics = run()
+    first = C.time.perf_counter() - t0
+    t, times = C.median_time(run, C.repeats_for(first, spec['target_s']))
+    return dict(time=t, times=times, compile_s=compile_s, flops=flops, loss=float(metrics['loss']),
+                ceiling=C.jax_matmul_ceiling())
+
+
+def torch_worker(spec):
+    import numpy as np
+    import torch
+    from kdiff_jax.config import to_kdiffusion_dict
+    config, inner, denoiser, K = C.torch_model(spec['config'], spec['weights'])
+    kd = to_kdiffusion_dict(config)
+    torch.manual_seed(0)
+    inner.train()
+    ema = K.config.make_model(kd).eval()
+    ema.load_state_dict(inner.state_dict())
+    o = config.optimizer
+    opt = torch.optim.AdamW(inner.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.)  # train.py's 'constant' lr_sched (the config's)
+    ema_sched = K.utils.EMAWarmup(power=config.ema_sched.power, max_value=config.ema_sched.max_value)
+    sample_density = K.config.make_sample_density(kd['model'])
+    with np.load(spec['batch']) as f:
+        reals = torch.from_numpy(np.ascontiguousarray(f['image'].transpose(0, 3, 1, 2)))
+        kwargs = {'aug_cond': torch.from_numpy(f['aug_cond'])} if config.model.augment_wrapper else {}
+    state = {}
+
+    def run():  # k-diffusion 0.0.15 train.py, one micro-step without gradient accumulation
+        noise = torch.randn_like(reals)
+        sigma = sample_density([reals.shape[0]], device='cpu')
+        losses = denoiser.loss(reals, noise, sigma, **kwargs)
+        loss = losses.mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        K.utils.ema_update(inner, ema, ema_sched.get_value())
+        ema_sched.step()
+        state['loss'] = loss.item()
+    t0 = C.time.perf_counter()
+    run()
+    first = C.time.perf_counter() - t0
+    t, times = C.median_time(run, C.repeats_for(first, spec['target_s']))
+    return dict(time=t, times=times, loss=state['loss'], ceiling=C.torch_matmul_ceiling(),
+                threads=torch.get_num_threads())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument('--config', default='cars64')
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--target-s', type=float, default=20., help='timed seconds per side (2-10 steps)')
+    p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
+    args = p.parse_args()
+    import numpy as np
+    load0 = C.wait_for_quiet(args.max_load)
+    tmp = C.temp_dir()
+    print(C.machine_header(f'Training step throughput (bench/train_step.py): {args.config}, batch {args.batch}'))
+    print(f'1-min load at start: {load0:.2f}\n')
+    config = C.load_bench_config(args.config)
+    weights = C.write_weights(args.config, tmp / 'w.npz')
+    rng = np.random.default_rng(0)
+    m = config.model
+    np.savez(tmp / 'batch.npz',
+             image=np.tanh(rng.standard_normal((args.batch, *m.input_size, m.input_channels))).astype(np.float32),
+             aug_cond=(rng.standard_normal((args.batch, 9)) * 0.2).astype(np.float32))
+    res = {}
+    for side in ('jax', 'torch'):
+        spec = dict(side=side, config=args.config, weights=str(weights), batch=str(tmp / 'batch.npz'),
+                    target_s=args.target_s)
+        res[side] = C.run_worker(__file__, spec)
+    j, t = res['jax'], res['torch']
+    gf = j['flops'] / 1e9
+    ips_j, ips_t = args.batch / j['time'], args.batch / t['time']
+    header = ('| config | batch | kdiff_jax img/s | PyTorch img/s | ratio | step s jax / torch | XLA compile s | '
+              'GFLOP/step | kdiff_jax GFLOP/s (% of XLA matmul) | PyTorch GFLOP/s (% of torch matmul) | '
+              'peak RSS MiB jax / torch | others (cores) jax / torch |')
+    print(header + '\n|' + '---|' * (header.count('|') - 1))
+    print(f"| {args.config} | {args.batch} | {ips_j:.2f} | {ips_t:.2f} | {ips_j / ips_t:.2f}x | {j['time']:.2f} / "
+          f"{t['time']:.2f} | {j['compile_s']:.1f} | {gf:.0f} | {gf / j['time']:.0f} "
+          f"({gf / j['time'] / j['ceiling']:.0%}) | {gf / t['time']:.0f} ({gf / t['time'] / t['ceiling']:.0%}) | "
+          f"{j['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} | {j['others_cores']:.2f} / {t['others_cores']:.2f} |")
+    print(f"\nsteps timed: jax {len(j['times'])}, torch {len(t['times'])}; first-step loss jax {j['loss']:.4f}, "
+          f"torch {t['loss']:.4f} (different noise draws); fp32 matmul ceiling XLA {j['ceiling']:.0f}, PyTorch "
+          f"{t['ceiling']:.0f} GFLOP/s; 1-min load at end: {C.loadavg():.2f}")
+
+
+if __name__ == '__main__':
+    if not C.worker_main({'jax': jax_worker, 'torch': torch_worker}):
+        main()
