@@ -25,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
+CONV_FLOPS = {}
+
+
 def classify(hlo_text: str) -> dict[str, str]:
     """instruction name → a short kind (for a fusion: its kind plus the main op inside)."""
     kinds = {}
@@ -52,9 +55,61 @@ def classify(hlo_text: str) -> dict[str, str]:
                 main = next((k for k in ('convolution', 'dot', 'reduce-window', 'reduce', 'exponential', 'erf',
                                           'transpose', 'concatenate', 'pad', 'slice') if f' {k}(' in body), 'eltwise')
                 kinds[name] = f'fusion[{kind.group(1) if kind else "?"}:{main}]'
+                conv = next((l for l in inner if ' convolution(' in l), None)
+                if conv:  # describe it: 'k×k c_in→c_out at h×w', from the kernel parameter's and output's shapes
+                    out = re.search(r'= f32\[(\d+),(\d+),(\d+),(\d+)\]', conv)
+                    win = re.search(r'size=(\d+)x(\d+)', conv)
+                    args_ = re.search(r'convolution\(%?([\w.\-]+), %?([\w.\-]+)\)', conv)
+                    kshape = next((re.search(r'f32\[([\d,]+)\]', l).group(1) for l in inner
+                                   if re.match(rf'\s*%?{re.escape(args_.group(2))} = ', l)), '') if args_ else ''
+                    if out and win and kshape:
+                        ci = int(kshape.split(',')[2])
+                        n, h, w, co = map(int, out.groups())
+                        kinds[name] = f'conv {win.group(1)}x{win.group(2)} {ci}→{co} at {h}²'
+                        CONV_FLOPS[name] = 2 * n * h * w * co * ci * int(win.group(1)) * int(win.group(2))
             else:
                 kinds[name] = op
     return kinds
+
+
+def profile_torch(args):
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    tmp = C.temp_dir()
+    weights = C.write_weights(args.config, tmp / 'w.npz')
+    config, inner, denoiser, K = C.torch_model(args.config, str(weights))
+    m = config.model
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(
+        (args.batch, m.input_channels, *m.input_size)).astype(np.float32))
+    if args.what == 'forward':
+        torch.set_grad_enabled(False)
+        denoiser.eval()
+        fn = lambda: denoiser(x, torch.ones(args.batch))
+    else:
+        inner.train()
+        opt = torch.optim.AdamW(inner.parameters(), lr=1e-4)
+        aug = torch.zeros(args.batch, 9)
+
+        def fn():
+            loss = denoiser.loss(torch.tanh(x), torch.randn_like(x), torch.ones(args.batch), aug_cond=aug).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    fn()
+    walls = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            fn()
+            walls.append(time.perf_counter() - t0)
+    print(f'PyTorch {args.what} {args.config} batch {args.batch}: wall {np.median(walls) * 1e3:.1f} ms per run '
+          f'(median of {args.runs}, under the profiler), 1-min load {C.loadavg():.2f}\n')
+    rows = [(e.key, e.self_cpu_time_total / 1e3 / args.runs, e.count // args.runs) for e in prof.key_averages()]
+    total = sum(r[1] for r in rows)
+    print('| aten op (self time) | ms/run | calls/run | share |\n|---|---|---|---|')
+    for key, ms, n in sorted(rows, key=lambda r: -r[1])[:args.top]:
+        print(f'| {key} | {ms:.1f} | {n} | {ms / total:.0%} |')
 
 
 def main():
@@ -64,7 +119,12 @@ def main():
     p.add_argument('--what', choices=['forward', 'train'], default='forward')
     p.add_argument('--runs', type=int, default=3)
     p.add_argument('--top', type=int, default=25)
+    p.add_argument('--side', choices=['jax', 'torch'], default='jax',
+                   help='torch: the same model in PyTorch k-diffusion under torch.profiler, by aten op')
+    p.add_argument('--kind', help='also list every thunk of this kind, e.g. "fusion[kLoop:erf]"')
     args = p.parse_args()
+    if args.side == 'torch':
+        return profile_torch(args)
 
     import jax
     import jax.numpy as jnp
@@ -92,7 +152,14 @@ def main():
         batch = {'image': jnp.tanh(x), 'aug_cond': jnp.zeros((args.batch, 9), jnp.float32)}
         fargs = (state, batch)
     compiled = fn.lower(*fargs).compile()
-    kinds = classify(compiled.as_text())
+    hlo = compiled.as_text()
+    kinds = classify(hlo)
+    shapes = {}
+    for line in hlo.split('\nENTRY', 1)[-1].splitlines():
+        mm = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ', line)
+        if mm:
+            part = re.search(r'"outer_dimension_partitions":\[([^\]]*)\]', line)
+            shapes[mm.group(1)] = mm.group(2) + (f' parts[{part.group(1)}]' if part and part.group(1) else '')
     block = lambda out: jax.block_until_ready(out)
     block(compiled(*fargs))
     walls = []
@@ -110,19 +177,28 @@ def main():
             for ev in line.events:
                 if ev.name in kinds:
                     per_name[ev.name] += ev.duration_ns / 1e6 / args.runs
-    per_kind = collections.Counter()
+    per_kind, kind_flops, kind_count = collections.Counter(), collections.Counter(), collections.Counter()
     for name, ms in per_name.items():
         per_kind[kinds[name]] += ms
+        kind_flops[kinds[name]] += CONV_FLOPS.get(name, 0)
+        kind_count[kinds[name]] += 1
     total = sum(per_kind.values())
     print(f'{args.what} {args.config} batch {args.batch}: wall {np.median(walls) * 1e3:.1f} ms per run (median of '
           f'{args.runs}), thunk time {total:.1f} ms, XLA_FLAGS={C.os.environ.get("XLA_FLAGS", "")!r}, '
           f'1-min load {C.loadavg():.2f}\n')
-    print('| HLO kind | ms/run | share |\n|---|---|---|')
+    print('| HLO kind (convolutions: kernel, channels, output size) | thunks | ms/run | share | GFLOP/s |\n'
+          '|---|---|---|---|---|')
     for kind, ms in per_kind.most_common():
-        print(f'| {kind} | {ms:.1f} | {ms / total:.0%} |')
-    print(f'\ntop {args.top} thunks:\n\n| thunk | kind | ms/run |\n|---|---|---|')
+        gfs = f'{kind_flops[kind] / ms / 1e6:.0f}' if kind_flops[kind] else ''
+        print(f'| {kind} | {kind_count[kind]} | {ms:.1f} | {ms / total:.0%} | {gfs} |')
+    print(f'\ntop {args.top} thunks:\n\n| thunk | kind | output | ms/run |\n|---|---|---|---|')
     for name, ms in per_name.most_common(args.top):
-        print(f'| {name} | {kinds[name]} | {ms:.2f} |')
+        print(f'| {name} | {kinds[name]} | {shapes.get(name, "")} | {ms:.2f} |')
+    if args.kind:
+        print(f'\nthunks of kind {args.kind}:\n')
+        for name, ms in per_name.most_common():
+            if kinds[name] == args.kind:
+                print(f'| {name} | {shapes.get(name, "")} | {ms:.2f} |')
 
 
 if __name__ == '__main__':

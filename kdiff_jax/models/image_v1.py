@@ -148,8 +148,8 @@ class ImageDenoiserModelV1(nnx.Module):
         self.mapping = MappingNet(feats_in, feats_in, rngs=rngs)
         width = channels[max(0, skip_stages - 1)]
         self.proj_in = conv((c_in + unet_cond_dim) * patch_size ** 2, width, 1, dtype=dtype, rngs=rngs)
-        self.proj_out = nnx.Conv(width, c_in * patch_size ** 2 + int(has_variance), (1, 1), dtype=dtype,
-                                 kernel_init=nnx.initializers.zeros, rngs=rngs)
+        self.proj_out = conv(width, c_in * patch_size ** 2 + int(has_variance), 1, dtype=dtype,
+                             kernel_init=nnx.initializers.zeros, rngs=rngs)
         if cross_cond_dim == 0:
             cross_attn_depths = [False] * len(self_attn_depths)
         d_blocks, u_blocks = [], []
