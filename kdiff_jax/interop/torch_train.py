@@ -1,7 +1,8 @@
 """Continue a PyTorch k-diffusion run: its train.py checkpoint as a kdiff_jax TrainState.
 
 Taken over: `model` (parameters and buffers), `model_ema`, AdamW's moments and step count (`opt`), the step counter
-(k-diffusion resumes at `step + 1`) and the EMA warmup counter (`ema_sched.last_epoch`). The LR schedule position is
+(k-diffusion resumes at `step + 1`), the EMA warmup counter (`ema_sched.last_epoch`) and the gradient noise scale
+statistics (`gns_stats`, when the run measured them). The LR schedule position is
 the number of optimizer updates. Parameter i of the optimizer state is the i-th parameter of the model in
 state_dict order (buffers excluded), as `torch.nn.Module.parameters()` enumerates them.
 """
@@ -16,6 +17,7 @@ import optax
 from flax import nnx
 
 from ..factory import make_model
+from ..training.gns import GNSState
 from ..training.state import TrainModel, TrainState, create_train_state
 from ..variables import saved_variables
 from .torch_io import CheckpointError
@@ -82,6 +84,8 @@ def train_state_from_torch(ckpt: Mapping, config, tx: optax.MultiSteps, seed: in
     inner = tuple(restore_inner(s) for s in state.opt_state.inner_opt_state)
     opt_state = state.opt_state._replace(inner_opt_state=inner, gradient_step=count)
     ema_updates = int(ckpt.get('ema_sched', {}).get('last_epoch', adam_step))
+    gns_stats = ckpt.get('gns_stats')
+    gns = GNSState.from_torch(gns_stats) if isinstance(gns_stats, Mapping) else state.gns
     state = state.replace(step=jnp.asarray(int(ckpt['step']) + 1, jnp.int32), opt_state=opt_state,
-                          ema_updates=jnp.asarray(ema_updates, jnp.int32))
+                          ema_updates=jnp.asarray(ema_updates, jnp.int32), gns=gns)
     return train_model, state

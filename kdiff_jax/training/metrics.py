@@ -9,7 +9,8 @@ import numpy as np
 
 
 class MetricsLogger:
-    """Appends rows to `<run>/metrics.csv` (columns fixed by the first row) and scalars/images to `<run>/tb`."""
+    """Appends rows to `<run>/metrics.csv` and scalars/images to `<run>/tb`. A row with a new metric (e.g. the first
+    FID) rewrites the file with the extra column; rows without a value leave it empty."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.run_dir = Path(run_dir)
@@ -35,11 +36,24 @@ class MetricsLogger:
         new_file = self._columns is None
         if new_file:
             self._columns = list(row)
+        elif any(k not in self._columns for k in row):  # e.g. the first fid/kid: rewrite with the new columns
+            self._add_columns([k for k in row if k not in self._columns])
         with open(self.csv_path, 'a', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=self._columns, extrasaction='ignore')
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
+
+    def _add_columns(self, names: list[str]) -> None:
+        with open(self.csv_path, newline='') as f:
+            rows = list(csv.DictReader(f))
+        self._columns = self._columns + names
+        tmp = self.csv_path.with_suffix('.csv.tmp')
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=self._columns, extrasaction='ignore')
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.csv_path)
 
     def image(self, step: int, name: str, image_uint8: np.ndarray) -> None:
         if self.enabled:

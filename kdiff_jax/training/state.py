@@ -14,6 +14,7 @@ import optax
 from flax import nnx, struct
 
 from ..models.layers import Buffer
+from .gns import GNSState
 
 
 @struct.dataclass
@@ -26,6 +27,7 @@ class TrainState:
     ema_updates: jax.Array   # optimizer updates applied so far = EMA updates (the EMA warmup counter)
     skipped: jax.Array       # micro-batches skipped because their loss or gradient was not finite
     key: jax.Array           # base PRNG key (raw uint32[2]); step keys are fold_in(key, step)
+    gns: GNSState            # gradient noise scale statistics (updated only when training with --gns)
 
 
 @dataclass(frozen=True)
@@ -58,5 +60,5 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,
                        ema_params=jax.tree.map(jnp.copy, ema_params), opt_state=tx.init(params),
                        ema_updates=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
-                       key=jax.random.key_data(jax.random.key(seed)))
+                       key=jax.random.key_data(jax.random.key(seed)), gns=GNSState.zeros())
     return train_model, state

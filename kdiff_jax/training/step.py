@@ -7,6 +7,9 @@ For a batch of augmented images x0 with their aug_cond, at micro-step s with key
   EMA ← d·EMA + (1 − d)·params with d = ema_decay(#updates so far).
 Random draws have the global batch's shape, so (with JAX's partitionable threefry) they do not depend on how the
 batch is sharded: 1 and N devices train the same model.
+With `gns_groups = G ≥ 2` (train.py --gns) the gradient is the mean of G group gradients (each over B/G rows, as
+data-parallel workers compute them; dropout keys fold_in(k, g)), and their squared norms update the gradient noise
+scale (gns.py) with b = B/G, B: the same gradient as without --gns up to the dropout draws.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flax import nnx
 
 from ..densities import make_sample_density
 from ..factory import denoiser_class
+from .gns import grouped_value_and_grad, gns_update
 from .schedules import ema_decay, make_lr_schedule
 from .state import TrainModel, TrainState
 
@@ -27,8 +31,11 @@ Batch = Mapping[str, jax.Array]
 
 
 def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: optax.MultiSteps,
-                         lr: float | None = None) -> Callable:
-    """`update(state, x0, aug_cond, noise, sigma, dropout_key) -> (state, metrics)`: the step with given draws."""
+                         lr: float | None = None, gns_groups: int = 0) -> Callable:
+    """`update(state, x0, aug_cond, noise, sigma, dropout_key) -> (state, metrics)`: the step with given draws
+    (with `gns_groups` ≥ 2 also the gradient noise scale, metric 'gns')."""
+    if gns_groups == 1 or gns_groups < 0:
+        raise ValueError(f'the gradient noise scale needs at least 2 groups, got {gns_groups}')
     denoiser_cls = denoiser_class(config)
     sigma_data = config['model']['sigma_data']
     use_aug_cond = config['model']['augment_wrapper']
@@ -36,14 +43,18 @@ def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: optax.Mul
     schedule = make_lr_schedule(config['lr_sched'], config['optimizer']['lr'] if lr is None else lr)
 
     def update(state: TrainState, x0, aug_cond, noise, sigma, dropout_key):
-        def loss_fn(params):
+        def loss_fn(params, batch, key):
             model = train_model.merge(params, state.buffers, train=True)
-            nnx.reseed(model, dropout=dropout_key)
-            kwargs = {'aug_cond': aug_cond} if use_aug_cond else {}
-            losses = denoiser_cls(model, sigma_data).loss(x0, noise, sigma, **kwargs)
-            return losses.mean(), losses
+            nnx.reseed(model, dropout=key)
+            kwargs = {'aug_cond': batch['aug_cond']} if use_aug_cond else {}
+            return denoiser_cls(model, sigma_data).loss(batch['x0'], batch['noise'], batch['sigma'], **kwargs).mean()
 
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        batch = {'x0': x0, 'aug_cond': aug_cond, 'noise': noise, 'sigma': sigma}
+        if gns_groups:
+            loss, grads, sq_small, sq_large = grouped_value_and_grad(loss_fn, state.params, gns_groups, batch,
+                                                                     dropout_key)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, dropout_key)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
@@ -54,20 +65,25 @@ def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: optax.Mul
         decay = ema_decay(state.ema_updates, ema_cfg['power'], ema_cfg['max_value'])
         ema_params = jax.tree.map(lambda e, p: jnp.where(updated, e * decay + p * (1 - decay), e),
                                   state.ema_params, params)
+        gns = state.gns
+        if gns_groups:
+            gns = keep_if_finite(gns_update(gns, sq_small, sq_large, x0.shape[0] // gns_groups, x0.shape[0]), gns)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
                                   ema_updates=state.ema_updates + updated.astype(jnp.int32),
-                                  skipped=state.skipped + (~finite).astype(jnp.int32))
+                                  skipped=state.skipped + (~finite).astype(jnp.int32), gns=gns)
         metrics = {'loss': loss, 'lr': schedule(state.opt_state.gradient_step), 'ema_decay': decay,
                    'skipped': new_state.skipped}
+        if gns_groups:
+            metrics['gns'] = gns.noise_scale
         return new_state, metrics
 
     return update
 
 
-def make_train_step(config: Mapping, train_model: TrainModel, tx: optax.MultiSteps,
-                    lr: float | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_train_step(config: Mapping, train_model: TrainModel, tx: optax.MultiSteps, lr: float | None = None,
+                    gns_groups: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)` drawing noise, σ and dropout from (key, step). Not jitted."""
-    update = make_loss_and_update(config, train_model, tx, lr)
+    update = make_loss_and_update(config, train_model, tx, lr, gns_groups)
     sample_density = make_sample_density(config['model'])
 
     def train_step(state: TrainState, batch: Batch):
