@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument('--keep', type=int, default=3, help='how many checkpoints to keep')
     p.add_argument('--evaluate-every', type=int, default=-1, help='evaluate FID/KID every this many steps')
     p.add_argument('--evaluate-n', type=int, default=2000, help='the number of samples to draw to evaluate')
+    p.add_argument('--inception-weights', help='the FID Inception-v3 weights, pt_inception-2015-12-05-6726825d.pth '
+                   '(default: $KDIFF_JAX_INCEPTION_WEIGHTS or ~/.cache/kdiff_jax/)')
     p.add_argument('--sample-n', type=int, default=64, help='the number of images to sample for demo grids')
     p.add_argument('--seed', type=int, default=0, help='the random seed')
     p.add_argument('--end-step', type=int, help='stop after this many steps (micro-batches)')
@@ -61,7 +63,12 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     options = TrainOptions(**{k: v for k, v in vars(args).items()
                               if k in TrainOptions.__dataclass_fields__})
-    train(options, config)
+    from kdiff_jax.interop.torch_io import CheckpointError
+    try:
+        train(options, config)
+    except CheckpointError as e:  # unusable checkpoint or Inception weights (incl. missing): one clear message
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     return 0
 
 

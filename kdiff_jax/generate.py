@@ -25,6 +25,16 @@ from .sampling.noise import initial_noise, sample_keys
 TORCH_SUFFIXES = ('.pth', '.pt', '.ckpt', '.safetensors')
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is something `load_any_denoiser` reads (rather than, say, a folder of images)."""
+    from .training.checkpointing import is_run_checkpoint_dir
+    path = Path(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return path.is_file()
+    return path.is_dir() and (is_run_checkpoint_dir(path) or ((path / 'config').exists() and
+                                                               (path / 'params').exists()))
+
+
 def load_any_denoiser(path: str | Path, config=None, which: str = 'model_ema') -> tuple[Denoiser, object]:
     """(denoiser, config) from a kdiff_jax checkpoint directory (converted model, or a training run: its latest EMA
     weights), or a PyTorch checkpoint converted on the fly."""

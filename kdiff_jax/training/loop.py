@@ -2,7 +2,9 @@
 metrics, checkpoints, clean shutdown on SIGTERM/SIGINT.
 
 A run lives in `<out_dir>/<name>/`: `checkpoints/` (orbax, keep-N), `metrics.csv`, `tb/` (TensorBoard), and
-`demo_<step>.png` grids of EMA samples (dpmpp_2m, 50 Karras steps, the same seeds every time).
+`demo_<step>.png` grids of EMA samples (dpmpp_2m, 50 Karras steps, the same seeds every time). With
+--evaluate-every, FID and KID of EMA samples against the un-augmented reals (evaluation/evaluator.py) go to the same
+metrics; with --gns, the gradient noise scale (gns.py) is a metric of every logged step.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class TrainOptions:
     gns: bool = False
     num_workers: int = 0
     keep: int = 3
+    inception_weights: str | None = None
 
 
 class StopRequested:
@@ -144,18 +147,23 @@ def train(opts: TrainOptions, config) -> Path:
     """Train until `opts.end_step` (or forever / until SIGTERM/SIGINT); returns the run directory."""
     from ..data.pipeline import make_train_iterator
 
-    if opts.evaluate_every > 0 or opts.gns:
-        raise NotImplementedError('--evaluate-every (FID/KID) and --gns arrive with the evaluation issue (#5); '
-                                  'run without them for now')
     run_dir = Path(opts.out_dir) / opts.name
     is_main = jax.process_index() == 0
     mesh = data_mesh()
     if opts.batch_size % mesh.size:
         raise ValueError(f'--batch-size {opts.batch_size} must be divisible by the {mesh.size} devices')
+    gns_groups = max(mesh.size, 2) if opts.gns else 0  # per-device gradients (two halves on a single device)
+    if gns_groups and opts.batch_size % gns_groups:
+        raise ValueError(f'--gns: --batch-size {opts.batch_size} must split into {gns_groups} equal groups')
+    extractor = None
+    if opts.evaluate_every > 0:  # fail before anything else if the Inception weights are missing
+        from ..evaluation.inception import FIDFeatureExtractor
+        extractor = FIDFeatureExtractor.load(opts.inception_weights)
     tx = make_optimizer(config, lr=opts.lr, grad_accum_steps=opts.grad_accum_steps)
     checkpointer = TrainCheckpointer(run_dir / 'checkpoints', keep=opts.keep)
     train_model, state, data_state, origin = initial_state(opts, config, tx, checkpointer, mesh)
-    step_fn = jit_train_step(make_train_step(config, train_model, tx, lr=opts.lr), mesh, state)
+    step_fn = jit_train_step(make_train_step(config, train_model, tx, lr=opts.lr, gns_groups=gns_groups), mesh,
+                             state)
     local_batch = opts.batch_size // jax.process_count()
     data = make_train_iterator(config, batch_size=local_batch, seed=opts.seed, shard_index=jax.process_index(),
                                shard_count=jax.process_count(), num_workers=opts.num_workers)
@@ -170,6 +178,21 @@ def train(opts: TrainOptions, config) -> Path:
 
     def save(force=False):
         checkpointer.save(step, state, data.get_state(), config, force=force)
+
+    evaluator = None
+    if extractor is not None:
+        from ..evaluation.evaluator import FeatureSet, TrainingEvaluator, dataset_images
+        reals = dataset_images(config, opts.evaluate_n, seed=opts.seed)
+        evaluator = TrainingEvaluator(FeatureSet(extractor, mesh, opts.batch_size), reals, config, opts.evaluate_n)
+
+    def evaluate():
+        ema = lambda: denoiser_class(config)(train_model.merge(state.ema_params, state.buffers, train=False),
+                                             config['model']['sigma_data'])
+        values = evaluator(ema, step)
+        metrics_log.scalars(step, values)
+        if is_main:
+            tqdm.write(f"step {step}: FID {values['fid']:.4f}, KID {values['kid']:.6f} "
+                       f"({opts.evaluate_n} EMA samples vs {opts.evaluate_n} reals)")
 
     def demo():
         images = demo_samples(config, train_model, state, opts.sample_n, mesh)
@@ -194,10 +217,13 @@ def train(opts: TrainOptions, config) -> Path:
                 values['images_per_s'] = (step - last_step) * opts.batch_size / max(now - last_time, 1e-9)
                 values['skipped_images'] = float(getattr(data, 'skipped', 0))
                 last_time, last_step = now, step
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                **({'gns': f"{values['gns']:.4g}"} if 'gns' in values else {}))
                 metrics_log.scalars(step, values)
             if opts.demo_every > 0 and step % opts.demo_every == 0:
                 demo()
+            if evaluator is not None and step % opts.evaluate_every == 0:
+                evaluate()
             if opts.save_every > 0 and step % opts.save_every == 0:
                 save()
             if stop.signal:

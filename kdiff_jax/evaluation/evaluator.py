@@ -1,0 +1,114 @@
+"""FID/KID of a model's samples against a dataset's reals: images stay on the devices, only the [n, 2048] Inception
+features come back to the host.
+
+Sampling as k-diffusion's train.py evaluates: EMA model, dpmpp_2m, 50 Karras steps from σ_max. Reals: the first n
+un-augmented training images of the seeded stream (`data.pipeline.make_eval_images`), their features computed once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from .inception import FIDFeatureExtractor, extract_features
+from .metrics import fid, kid
+
+EVAL_SAMPLER, EVAL_STEPS = 'dpmpp_2m', 50
+
+
+class FeatureSet:
+    """Inception features of image batches sharded over a mesh's 'data' axis (global batch `batch_size`)."""
+
+    def __init__(self, extractor: FIDFeatureExtractor, mesh: Mesh, batch_size: int):
+        self.mesh = mesh
+        self.batch_size = max(mesh.size, -(-batch_size // mesh.size) * mesh.size)  # a multiple of the devices
+        self.batch_sharding = NamedSharding(mesh, P('data'))
+        replicated = NamedSharding(mesh, P())
+        self.extractor = extractor
+        self.state = jax.device_put(extractor.state, replicated)
+        self._features = jax.jit(functools.partial(extract_features, extractor.graphdef), out_shardings=replicated)
+
+    def of_batches(self, batches: Iterator[jax.Array], n: int, desc: str) -> np.ndarray:
+        """Features [n, 2048] of the first n images of `batches` (each [batch_size, H, W, C], sharded)."""
+        out, total = [], 0
+        with tqdm(total=n, desc=desc, unit='img', disable=jax.process_index() != 0, leave=False) as bar:
+            for images in batches:
+                feats = np.asarray(self._features(self.state, images), np.float32)
+                out.append(feats[:n - total])
+                total += len(out[-1])
+                bar.update(len(out[-1]))
+                if total >= n:
+                    break
+        return np.concatenate(out)
+
+    def of_array(self, images: np.ndarray, desc: str = 'reals features') -> np.ndarray:
+        """Features of host images [n, H, W, C] in [−1, 1] (the same full array on every process)."""
+        n = len(images)
+
+        def batches():
+            for start in range(0, n, self.batch_size):
+                chunk = images[start:start + self.batch_size]
+                if len(chunk) < self.batch_size:  # pad the last batch; the padding's features are dropped
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch_size - len(chunk), 0)])
+                chunk = np.ascontiguousarray(chunk, np.float32)
+                yield jax.make_array_from_callback(chunk.shape, self.batch_sharding, lambda idx, c=chunk: c[idx])
+
+        return self.of_batches(batches(), n, desc)
+
+
+def sample_batches(denoiser, config, batch_size: int, mesh: Mesh, seed: int, plan=None) -> Iterator[jax.Array]:
+    """Endless batches of samples [batch_size, H, W, C] sharded over `mesh`, sample i seeded by (seed, i), drawn
+    with `plan` (a generate.SamplingPlan; default dpmpp_2m, 50 Karras steps between the config's σ_min and σ_max)."""
+    from ..generate import SamplingPlan
+    from ..sampling.api import RANGE_SAMPLERS, sample
+    from ..sampling.noise import initial_noise, sample_keys
+    m = config['model']
+    plan = plan or SamplingPlan(EVAL_SAMPLER, EVAL_STEPS, 'karras', m['sigma_min'], m['sigma_max'], 7.)
+    sigmas = plan.sigmas()
+    scale = plan.sigma_max if plan.sampler in RANGE_SAMPLERS else sigmas[0]
+    sharding = NamedSharding(mesh, P('data'))
+    start = 0
+    while True:
+        indices = jnp.arange(start, start + batch_size, dtype=jnp.uint32)
+        x = initial_noise(sample_keys(seed, indices), (batch_size, *m['input_size'], m['input_channels']))
+        yield sample(denoiser, jax.device_put(x * scale, sharding), sigmas, plan.sampler, seed=seed,
+                     indices=indices, **plan.options)
+        start += batch_size
+
+
+def dataset_images(config, n: int, *, folder: str | Path | None = None, dataset=None, seed: int = 0) -> np.ndarray:
+    """Up to n un-augmented images [m, H, W, C] in [−1, 1] at `config`'s model.input_size and channels: the first of
+    the seeded stream of the image `folder`, or of `dataset` (a config's dataset section; default config's), training
+    split; m = min(n, dataset size), as k-diffusion's feature loop ends with its loader's epoch."""
+    from ..data.pipeline import make_eval_images
+    from ..data.sources import ImageFolderSource, make_source
+    if folder is not None:
+        source = ImageFolderSource(str(folder))
+    else:
+        source = make_source({'dataset': config['dataset'] if dataset is None else dataset}, seed=seed)
+    return make_eval_images(config, min(int(n), len(source)), seed=seed, source=source)
+
+
+def fid_kid(fake_features: np.ndarray, real_features: np.ndarray) -> dict[str, float]:
+    return {'fid': fid(fake_features, real_features), 'kid': kid(fake_features, real_features)}
+
+
+class TrainingEvaluator:
+    """FID/KID of EMA samples against the cached reals' features, for train.py's --evaluate-every."""
+
+    def __init__(self, features: FeatureSet, real_images: np.ndarray, config, n: int):
+        self.features, self.config, self.n = features, config, n
+        self.real_features = features.of_array(real_images, desc='reals features (once per run)')
+
+    def __call__(self, make_denoiser: Callable[[], object], step: int) -> dict[str, float]:
+        batches = sample_batches(make_denoiser(), self.config, self.features.batch_size, self.features.mesh,
+                                 seed=step % 2 ** 32)
+        fakes = self.features.of_batches(batches, self.n, desc=f'evaluating step {step}')
+        return fid_kid(fakes, self.real_features)
