@@ -36,7 +36,7 @@ def inception_weights(tmp_path_factory):
 def evaluated_run(tmp_path_factory, inception_weights):
     out = tmp_path_factory.mktemp('runs')
     result = run_train(out, 'eval', '--end-step', '4', '--evaluate-every', '2', '--evaluate-n', '8', '--gns',
-                       '--inception-weights', str(inception_weights))
+                       '--inception-weights', str(inception_weights), devices=2)  # sampling/features/GNS sharded
     return out / 'eval', result
 
 
