@@ -6,8 +6,9 @@
   python evaluate.py --reals path/to/real_images --samples out/ --config configs/cars64.py
 
 --reals: a config (its dataset's first n un-augmented training images, as train.py --evaluate-every) or a folder.
---samples: a folder of images, or a checkpoint (kdiff_jax run or converted model directory, or a PyTorch .pth with
---config) to sample n images from with --sampler/--steps, on the devices, writing no image files.
+--samples: a folder of images, or a checkpoint (kdiff_jax run or converted model directory, or a PyTorch .pth: its
+model config is --config, else the --reals config) to sample n images from with --sampler/--steps, on the devices,
+writing no image files.
 Both sides are read at the model's input size and channels (the checkpoint's config, else --config, else the reals
 config's), as the training data is: center crop and resize. Point --samples at a folder that holds only samples.
 Needs the FID Inception weights: --inception-weights PATH (pt_inception-2015-12-05-6726825d.pth).
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     import jax
     from kdiff_jax.evaluation import evaluator as E
     from kdiff_jax.evaluation.inception import FIDFeatureExtractor
-    from kdiff_jax.generate import SamplingPlan, is_checkpoint, load_any_denoiser
+    from kdiff_jax.generate import TORCH_SUFFIXES, SamplingPlan, is_checkpoint, load_any_denoiser
     from kdiff_jax.training.sharding import data_mesh
 
     reals, samples = Path(args.reals), Path(args.samples)
@@ -59,17 +60,18 @@ def main(argv=None) -> int:
         if args.n < 2:
             raise ValueError(f'-n must be >= 2, got {args.n}')
         extractor = FIDFeatureExtractor.load(args.inception_weights)  # first: a missing file fails fast
-        denoiser = None
-        if is_checkpoint(samples):
-            denoiser, config = load_any_denoiser(samples, args.config)
-        elif not samples.is_dir():
-            raise FileNotFoundError(f'--samples {samples}: neither a checkpoint nor a folder of images')
         if _is_config(reals):
             reals_config = load_config(str(reals))
         elif reals.is_dir():
             reals_config = None
         else:
             raise FileNotFoundError(f'--reals {reals}: neither a config file nor a folder of images')
+        denoiser = None
+        if is_checkpoint(samples):  # a PyTorch file holds no config: --config, else the reals config
+            model_config = args.config or (reals_config if samples.suffix in TORCH_SUFFIXES else None)
+            denoiser, config = load_any_denoiser(samples, model_config)
+        elif not samples.is_dir():
+            raise FileNotFoundError(f'--samples {samples}: neither a checkpoint nor a folder of images')
         if denoiser is None:  # the size and channels to compare at
             if args.config:
                 config = load_config(args.config)

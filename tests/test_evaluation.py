@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdiff_jax.config import load_config
+from kdiff_jax.config import config_to_dict, load_config
 from kdiff_jax.evaluation.evaluator import FeatureSet, dataset_images
 from kdiff_jax.evaluation.inception import FIDFeatureExtractor
 from kdiff_jax.evaluation.metrics import fid
 from kdiff_jax.images import to_pil, to_uint8
+from kdiff_jax.interop import export_torch_state_dict
+from kdiff_jax.training.checkpointing import load_ema_model
 from kdiff_jax.training.sharding import data_mesh
 from tests.inception_oracle import write_random_inception_weights
 from tests.test_train_cli import ROOT, run_train, train_cmd
@@ -85,6 +87,15 @@ def test_evaluate_command_on_a_checkpoint_and_on_folders(evaluated_run, inceptio
     assert report['n_samples'] == 8 and report['n_reals'] == 8 and report['sampler'] == 'dpmpp_2m'
     assert math.isfinite(report['fid']) and report['fid'] > 0 and math.isfinite(report['kid'])
     assert not list(tmp_path.rglob('*.png'))
+
+    # a PyTorch state dict of the run's EMA model: its model config is the --reals config (a JSON written here)
+    model, config = load_ema_model(run_dir)
+    export_torch_state_dict(model, tmp_path / 'ema.pth')
+    (tmp_path / 'tiny.json').write_text(json.dumps(config_to_dict(config)))
+    result = _evaluate('--reals', tmp_path / 'tiny.json', '--samples', tmp_path / 'ema.pth', '-n', 8, '--batch-size',
+                       8, '--steps', 5, '--inception-weights', inception_weights)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '(8 samples vs 8 reals)' in result.stdout
 
     digits = dataset_images(load_config(str(DEMO)), 8)
     noise = np.random.default_rng(0).uniform(-1, 1, digits.shape).astype(np.float32)
