@@ -82,3 +82,25 @@ def test_train_step_with_gns_takes_the_same_step_and_reports_the_scale():
     with pytest.raises(ValueError, match='does not split'):
         jax.jit(make_loss_and_update(config, train_model, tx, gns_groups=3))(
             state, *next(_batches(config, 1, batch=4)), jax.random.key(0))
+
+
+def test_a_checkpoint_saved_before_gns_joined_the_state_resumes_with_zero_statistics(tmp_path):
+    import dataclasses
+
+    import orbax.checkpoint as ocp
+
+    from kdiff_jax.config import config_to_dict
+    from kdiff_jax.training.checkpointing import TrainCheckpointer, abstract_like
+    from kdiff_jax.training.sharding import data_mesh, replicated
+    config = tiny_config()
+    _, state = create_train_state(make_model(config, initialize=False), make_optimizer(config), seed=0)
+    state = state.replace(step=jnp.asarray(7, jnp.int32))
+    old = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != 'gns'}
+    checkpointer = TrainCheckpointer(tmp_path, asynchronous=False)
+    checkpointer.manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
+                                                         data=ocp.args.JsonSave({'epoch': 1}),
+                                                         config=ocp.args.JsonSave(config_to_dict(config))))
+    checkpointer.wait()
+    restored, data = checkpointer.restore(abstract_like(state, replicated(data_mesh())))
+    assert int(restored.step) == 7 and data == {'epoch': 1}
+    assert float(restored.gns.beta_cumprod) == 1. and float(restored.gns.ema_var) == 0.

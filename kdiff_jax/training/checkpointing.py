@@ -11,12 +11,15 @@ arrays with the current mesh's shardings lets a run resume on a different number
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ..config import config_to_dict, load_config
+from .gns import GNSState
 from .state import TrainState
 
 ITEMS = ('state', 'data', 'config')
@@ -54,9 +57,25 @@ class TrainCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f'no complete checkpoint in {self.directory}')
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except ValueError as e:  # saved before the gradient noise scale joined the state?
+            if 'gns' not in str(e) or 'do not match' not in str(e):
+                raise
+            return self._restore_without_gns(abstract_state, step)
         return restored.state, dict(restored.data)
+
+    def _restore_without_gns(self, abstract_state: TrainState, step: int) -> tuple[TrainState, dict]:
+        """Everything but the GNS statistics, which start from zero (placed as `abstract_state.gns`)."""
+        target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+                  if f.name != 'gns'}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        place = lambda value, like: jax.make_array_from_callback(like.shape, like.sharding,
+                                                                 lambda idx: np.asarray(value)[idx])
+        gns = jax.tree.map(place, GNSState.zeros(), abstract_state.gns)
+        return TrainState(**restored.state, gns=gns), dict(restored.data)
 
     def close(self) -> None:
         self.manager.wait_until_finished()
