@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from ..training.sharding import replicate
 from .inception import FIDFeatureExtractor, extract_features
 from .metrics import fid, kid
 
@@ -30,10 +31,9 @@ class FeatureSet:
         self.mesh = mesh
         self.batch_size = max(mesh.size, -(-batch_size // mesh.size) * mesh.size)  # a multiple of the devices
         self.batch_sharding = NamedSharding(mesh, P('data'))
-        replicated = NamedSharding(mesh, P())
-        self.extractor = extractor
-        self.state = jax.device_put(extractor.state, replicated)
-        self._features = jax.jit(functools.partial(extract_features, extractor.graphdef), out_shardings=replicated)
+        self.state = replicate(extractor.state, mesh)  # the weights on every device (of every host)
+        self._features = jax.jit(functools.partial(extract_features, extractor.graphdef),
+                                 out_shardings=NamedSharding(mesh, P()))
 
     def of_batches(self, batches: Iterator[jax.Array], n: int, desc: str) -> np.ndarray:
         """Features [n, 2048] of the first n images of `batches` (each [batch_size, H, W, C], sharded)."""
