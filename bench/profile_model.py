@@ -185,7 +185,14 @@ def main():
     total = sum(per_kind.values())
     print(f'{args.what} {args.config} batch {args.batch}: wall {np.median(walls) * 1e3:.1f} ms per run (median of '
           f'{args.runs}), thunk time {total:.1f} ms, XLA_FLAGS={C.os.environ.get("XLA_FLAGS", "")!r}, '
-          f'1-min load {C.loadavg():.2f}\n')
+          f'1-min load {C.loadavg():.2f}')
+    mem = compiled.memory_analysis()
+    if mem is not None:  # XLA's buffer assignment: what the compiled program needs besides its inputs
+        mib = lambda b: f'{b / 2 ** 20:.0f} MiB'
+        print(f'XLA memory: arguments {mib(mem.argument_size_in_bytes)}, outputs {mib(mem.output_size_in_bytes)}, '
+              f'aliased {mib(mem.alias_size_in_bytes)}, temporaries {mib(mem.temp_size_in_bytes)}, '
+              f'generated code {mib(mem.generated_code_size_in_bytes)}')
+    print()
     print('| HLO kind (convolutions: kernel, channels, output size) | thunks | ms/run | share | GFLOP/s |\n'
           '|---|---|---|---|---|')
     for kind, ms in per_kind.most_common():

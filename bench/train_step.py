@@ -41,6 +41,8 @@ def jax_worker(spec):
     t0 = C.time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = C.time.perf_counter() - t0
+    peak_after_compile = C.memory_status()['VmHWM']  # before any step ran: what compiling took
+    buffers = compiled.memory_analysis()  # XLA's buffer assignment of the step
     cost = compiled.cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost).get('flops', float('nan'))
     holder = [state]
@@ -54,7 +56,10 @@ def jax_worker(spec):
     first = C.time.perf_counter() - t0
     t, times = C.median_time(run, C.repeats_for(first, spec['target_s']))
     return dict(time=t, times=times, compile_s=compile_s, flops=flops, loss=float(metrics['loss']),
-                ceiling=C.jax_matmul_ceiling())
+                ceiling=C.jax_matmul_ceiling(), peak_after_compile_mb=peak_after_compile,
+                step_buffers_mb=(buffers.argument_size_in_bytes + buffers.output_size_in_bytes
+                                 - buffers.alias_size_in_bytes + buffers.temp_size_in_bytes) / 2 ** 20,
+                rss_after_steps_mb=C.memory_status()['VmRSS'])
 
 
 def torch_worker(spec):
@@ -135,6 +140,9 @@ def main():
     print(f"\nsteps timed: jax {len(j['times'])}, torch {len(t['times'])}; first-step loss jax {j['loss']:.4f}, "
           f"torch {t['loss']:.4f} (different noise draws); fp32 matmul ceiling XLA {j['ceiling']:.0f}, PyTorch "
           f"{t['ceiling']:.0f} GFLOP/s; 1-min load at end: {C.loadavg():.2f}")
+    print(f"kdiff_jax memory: peak RSS {j['peak_after_compile_mb']:.0f} MiB already at the end of compilation (no step "
+          f"run yet); the compiled step's buffers (XLA buffer assignment: state in/out less donated, temporaries) "
+          f"{j['step_buffers_mb']:.0f} MiB; resident after the timed steps {j['rss_after_steps_mb']:.0f} MiB")
 
 
 if __name__ == '__main__':
