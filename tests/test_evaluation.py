@@ -64,6 +64,10 @@ def test_missing_inception_weights_fail_fast_naming_the_file_and_flag(tmp_path):
     assert 'pt_inception-2015-12-05-6726825d.pth' in result.stderr and '--inception-weights' in result.stderr
     assert 'Traceback' not in result.stderr
     assert not (tmp_path / 'noweights' / 'checkpoints').exists()  # nothing started
+    result = subprocess.run([sys.executable, str(ROOT / 'evaluate.py'), '--reals', str(DEMO), '--samples',
+                             str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'pt_inception-2015-12-05-6726825d.pth' in result.stderr and '--inception-weights' in result.stderr
 
 
 def _evaluate(*args):
