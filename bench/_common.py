@@ -248,6 +248,15 @@ def temp_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix='kdiff_bench_'))
 
 
+def begin(title: str, max_load: float) -> Path:
+    """The start of every benchmark: wait for a quiet machine, print the header and the load; a fresh temp dir."""
+    load0 = wait_for_quiet(max_load)
+    tmp = temp_dir()
+    print(machine_header(title))
+    print(f'1-min load at start: {load0:.2f}\n')
+    return tmp
+
+
 def rel_err(a, b) -> float:
     import numpy as np
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

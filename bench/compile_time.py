@@ -69,10 +69,8 @@ def main():
     p.add_argument('--steps', nargs='+', type=int, default=[10, 50, 250])
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
     args = p.parse_args()
-    load0 = C.wait_for_quiet(args.max_load)
-    tmp = C.temp_dir()
-    print(C.machine_header(f'Sampler compile time vs steps (bench/compile_time.py): {args.config}, batch {args.batch}'))
-    print(f'1-min load at start: {load0:.2f}\n')
+    tmp = C.begin(f'Sampler compile time vs steps (bench/compile_time.py): {args.config}, batch {args.batch}',
+                  args.max_load)
     weights = C.write_weights(args.config, tmp / 'w.npz')
     torch_res = C.run_worker(__file__, dict(side='torch', config=args.config, weights=str(weights),
                                             batch=args.batch))

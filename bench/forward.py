@@ -74,10 +74,7 @@ def main():
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
     args = p.parse_args()
     import numpy as np
-    load0 = C.wait_for_quiet(args.max_load)
-    tmp = C.temp_dir()
-    print(C.machine_header('Denoiser forward throughput (bench/forward.py)'))
-    print(f'1-min load at start: {load0:.2f}\n')
+    tmp = C.begin('Denoiser forward throughput (bench/forward.py)', args.max_load)
     header = ('| config | batch | kdiff_jax img/s | PyTorch img/s | ratio | XLA compile s | GFLOP/img | kdiff_jax GFLOP/s '
               '| PyTorch GFLOP/s | peak RSS MiB jax / torch | rel err | others (cores) jax / torch |')
     print(header + '\n|' + '---|' * (header.count('|') - 1), flush=True)

@@ -110,10 +110,8 @@ def main():
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
     args = p.parse_args()
     import numpy as np
-    load0 = C.wait_for_quiet(args.max_load)
-    tmp = C.temp_dir()
-    print(C.machine_header(f'Training step throughput (bench/train_step.py): {args.config}, batch {args.batch}'))
-    print(f'1-min load at start: {load0:.2f}\n')
+    tmp = C.begin(f'Training step throughput (bench/train_step.py): {args.config}, batch {args.batch}',
+                  args.max_load)
     config = C.load_bench_config(args.config)
     weights = C.write_weights(args.config, tmp / 'w.npz')
     rng = np.random.default_rng(0)

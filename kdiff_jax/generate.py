@@ -3,12 +3,13 @@
 `load_any_denoiser` takes a kdiff_jax checkpoint directory or a PyTorch `.pth`/`.safetensors` (converted on the
 fly with a config). `generate` draws n samples in batches sharded over all local devices; sample k's randomness
 comes from (seed, k) alone, so the images do not depend on the batch size or the device count.
+`sample_batches` keeps the batches on the devices, sharded over a mesh (training's demo grids and FID/KID).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,3 +116,21 @@ def generate(denoiser: Denoiser, config: Mapping, plan: SamplingPlan, n: int, *,
         outputs.append(np.asarray(out))
     images = np.concatenate(outputs)[:n]
     return (images, np.stack(frames)[:, :min(n, batch_size)]) if record else images
+
+
+def sample_batches(denoiser: Denoiser, config: Mapping, batch_size: int, mesh: jax.sharding.Mesh, seed: int,
+                   plan: SamplingPlan | None = None) -> Iterator[jax.Array]:
+    """Endless batches of samples [batch_size, H, W, C] sharded over `mesh`, sample i seeded by (seed, i), drawn
+    with `plan` (a generate.SamplingPlan; default dpmpp_2m, 50 Karras steps between the config's σ_min and σ_max)."""
+    m = config['model']
+    plan = plan or SamplingPlan('dpmpp_2m', 50, 'karras', m['sigma_min'], m['sigma_max'], 7.)
+    sigmas = plan.sigmas()
+    scale = plan.sigma_max if plan.sampler in RANGE_SAMPLERS else sigmas[0]
+    sharding = NamedSharding(mesh, P('data'))
+    start = 0
+    while True:
+        indices = jnp.arange(start, start + batch_size, dtype=jnp.uint32)
+        x = initial_noise(sample_keys(seed, indices), (batch_size, *m['input_size'], m['input_channels']))
+        yield sample(denoiser, jax.device_put(x * scale, sharding), sigmas, plan.sampler, seed=seed,
+                     indices=indices, **plan.options)
+        start += batch_size

@@ -1,28 +1,26 @@
 """FID/KID of a model's samples against a dataset's reals: images stay on the devices, only the [n, 2048] Inception
 features come back to the host.
 
-Sampling as k-diffusion's train.py evaluates: EMA model, dpmpp_2m, 50 Karras steps from σ_max. Reals: the first n
+Sampling as k-diffusion's train.py evaluates: EMA model, dpmpp_2m, 50 Karras steps from σ_max
+(`generate.sample_batches`' default). Reals: the first n
 un-augmented training images of the seeded stream (`data.pipeline.make_eval_images`), their features computed once.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from ..generate import sample_batches
 from ..training.sharding import replicate
 from .inception import FIDFeatureExtractor, extract_features
 from .metrics import fid, kid
-
-EVAL_SAMPLER, EVAL_STEPS = 'dpmpp_2m', 50
-
 
 class FeatureSet:
     """Inception features of image batches sharded over a mesh's 'data' axis (global batch `batch_size`)."""
@@ -63,26 +61,6 @@ class FeatureSet:
         return self.of_batches(batches(), n, desc)
 
 
-def sample_batches(denoiser, config, batch_size: int, mesh: Mesh, seed: int, plan=None) -> Iterator[jax.Array]:
-    """Endless batches of samples [batch_size, H, W, C] sharded over `mesh`, sample i seeded by (seed, i), drawn
-    with `plan` (a generate.SamplingPlan; default dpmpp_2m, 50 Karras steps between the config's σ_min and σ_max)."""
-    from ..generate import SamplingPlan
-    from ..sampling.api import RANGE_SAMPLERS, sample
-    from ..sampling.noise import initial_noise, sample_keys
-    m = config['model']
-    plan = plan or SamplingPlan(EVAL_SAMPLER, EVAL_STEPS, 'karras', m['sigma_min'], m['sigma_max'], 7.)
-    sigmas = plan.sigmas()
-    scale = plan.sigma_max if plan.sampler in RANGE_SAMPLERS else sigmas[0]
-    sharding = NamedSharding(mesh, P('data'))
-    start = 0
-    while True:
-        indices = jnp.arange(start, start + batch_size, dtype=jnp.uint32)
-        x = initial_noise(sample_keys(seed, indices), (batch_size, *m['input_size'], m['input_channels']))
-        yield sample(denoiser, jax.device_put(x * scale, sharding), sigmas, plan.sampler, seed=seed,
-                     indices=indices, **plan.options)
-        start += batch_size
-
-
 def dataset_images(config, n: int, *, folder: str | Path | None = None, dataset=None, seed: int = 0) -> np.ndarray:
     """Up to n un-augmented images [m, H, W, C] in [−1, 1] at `config`'s model.input_size and channels: the first of
     the seeded stream of the image `folder`, or of `dataset` (a config's dataset section; default config's), training
@@ -107,8 +85,8 @@ class TrainingEvaluator:
         self.features, self.config, self.n = features, config, n
         self.real_features = features.of_array(real_images, desc='reals features (once per run)')
 
-    def __call__(self, make_denoiser: Callable[[], object], step: int) -> dict[str, float]:
-        batches = sample_batches(make_denoiser(), self.config, self.features.batch_size, self.features.mesh,
+    def __call__(self, denoiser, step: int) -> dict[str, float]:
+        batches = sample_batches(denoiser, self.config, self.features.batch_size, self.features.mesh,
                                  seed=step % 2 ** 32)
         fakes = self.features.of_batches(batches, self.n, desc=f'evaluating step {step}')
         return fid_kid(fakes, self.real_features)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -32,7 +31,6 @@ from .step import make_train_step
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 25
-DEMO_STEPS = 50
 DEMO_SEED = 0
 
 
@@ -127,20 +125,18 @@ def initial_state(opts: TrainOptions, config, tx, checkpointer: TrainCheckpointe
     return train_model, replicate(state, mesh), None, 'fresh start'
 
 
+def ema_denoiser(config, train_model: TrainModel, state: TrainState):
+    """The denoiser around the EMA weights (eval mode): what demo grids and FID/KID sample from."""
+    return denoiser_class(config)(train_model.merge(state.ema_params, state.buffers, train=False),
+                                  config['model']['sigma_data'])
+
+
 def demo_samples(config, train_model: TrainModel, state: TrainState, n: int, mesh) -> np.ndarray:
     """n EMA samples (dpmpp_2m, 50 Karras steps) with fixed seeds, so grids are comparable across a run."""
-    from ..sampling.api import sample
-    from ..sampling.noise import initial_noise, sample_keys
-    from ..sampling.schedules import get_sigmas_karras
-    m = config['model']
-    denoiser = denoiser_class(config)(train_model.merge(state.ema_params, state.buffers, train=False),
-                                      m['sigma_data'])
+    from ..generate import sample_batches
     n_padded = -(-n // mesh.size) * mesh.size
-    keys = sample_keys(DEMO_SEED, jnp.arange(n_padded))
-    x = initial_noise(keys, (n_padded, *m['input_size'], m['input_channels'])) * m['sigma_max']
-    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
-    sigmas = get_sigmas_karras(DEMO_STEPS, m['sigma_min'], m['sigma_max'], rho=7.)
-    return np.asarray(sample(denoiser, x, sigmas, 'dpmpp_2m', seed=DEMO_SEED))[:n]
+    return np.asarray(next(sample_batches(ema_denoiser(config, train_model, state), config, n_padded, mesh,
+                                          DEMO_SEED)))[:n]
 
 
 def train(opts: TrainOptions, config) -> Path:
@@ -186,9 +182,7 @@ def train(opts: TrainOptions, config) -> Path:
         evaluator = TrainingEvaluator(FeatureSet(extractor, mesh, opts.batch_size), reals, config, opts.evaluate_n)
 
     def evaluate():
-        ema = lambda: denoiser_class(config)(train_model.merge(state.ema_params, state.buffers, train=False),
-                                             config['model']['sigma_data'])
-        values = evaluator(ema, step)
+        values = evaluator(ema_denoiser(config, train_model, state), step)
         metrics_log.scalars(step, values)
         if is_main:
             tqdm.write(f"step {step}: FID {values['fid']:.4f}, KID {values['kid']:.6f} "
