@@ -81,9 +81,13 @@ def wait_for_idle_others(max_cores: float = 0.2, max_wait_s: float = float(os.en
 
 # ---------------------------------------------------------------------------------------------------- workers
 
-def run_worker(script: str, spec: dict, *, env: dict | None = None, max_others: float = 0.3, retries: int = 2,
+def run_worker(script: str, spec: dict, *, env: dict | None = None,
+               max_others: float = float(os.environ.get('BENCH_MAX_OTHERS', 0.3)), retries: int = 2,
                timeout: float = 900.) -> dict:
     """Run `script --worker spec` in a fresh process; returns its result dict plus load fields.
+
+    A run during which other processes used more than `max_others` cores ($BENCH_MAX_OTHERS) is repeated, at most
+    `retries` times.
 
     Added fields: wall_s (of the whole process), others_cores (CPU used by other processes during it),
     load_start (1-min load average when it started), attempts.
@@ -154,9 +158,10 @@ def repeats_for(first_s: float, target_s: float, lo: int = 2, hi: int = 10) -> i
 
 # ---------------------------------------------------------------------------------------------------- models / weights
 
-def load_bench_config(name: str):
-    from kdiff_jax.config import load_config
-    return load_config(str(ROOT / 'configs' / f'{name}.py'))
+def load_bench_config(name: str, dtype: str = 'float32'):
+    """configs/<name>.py with the model's compute dtype set to `dtype` (float32 or bfloat16)."""
+    from kdiff_jax.config import apply_overrides, load_config
+    return apply_overrides(load_config(str(ROOT / 'configs' / f'{name}.py')), [f'--config.model.dtype={dtype}'])
 
 
 def write_weights(config_name: str, path: Path, seed: int = 0, scale: float = 0.02) -> Path:
@@ -177,20 +182,20 @@ def write_weights(config_name: str, path: Path, seed: int = 0, scale: float = 0.
     return path
 
 
-def jax_model(config_name: str, weights: str):
+def jax_model(config_name: str, weights: str, dtype: str = 'float32'):
     """(config, network) of kdiff_jax with the weights of `weights` (.npz state_dict); no torch import."""
     import numpy as np
     from kdiff_jax.factory import make_model
     from kdiff_jax.interop import load_state_dict
-    config = load_bench_config(config_name)
+    config = load_bench_config(config_name, dtype)
     model = make_model(config, initialize=False)
     with np.load(weights) as f:
         load_state_dict(model, {k: f[k] for k in f.files})
     return config, model
 
 
-def torch_model(config_name: str, weights: str):
-    """(config, k-diffusion inner model, its Karras denoiser wrapper) with the weights of `weights`."""
+def torch_model(config_name: str, weights: str, device: str = 'cpu'):
+    """(config, k-diffusion inner model, its Karras denoiser wrapper) with the weights of `weights`, on `device`."""
     import numpy as np
     import torch
     from kdiff_jax.config import to_kdiffusion_dict
@@ -201,25 +206,78 @@ def torch_model(config_name: str, weights: str):
     inner = K.config.make_model(kd)
     with np.load(weights) as f:
         inner.load_state_dict({k: torch.from_numpy(f[k]) for k in f.files}, strict=True)
+    inner = inner.to(device)
     return config, inner, K.config.make_denoiser_wrapper(kd)(inner), K
 
 
-def jax_matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
+def jax_matmul_ceiling(gpu: bool = False, repeats: int = 5) -> float:
+    """GFLOP/s of one square matmul: fp32 2048² on the CPU, bf16 8192² on a GPU."""
     import jax
     import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    n, dtype = (8192, jnp.bfloat16) if gpu else (2048, jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     t, _ = median_time(lambda: f(a).block_until_ready(), repeats)
     return 2 * n ** 3 / t / 1e9
 
 
-def torch_matmul_ceiling(n: int = 2048, repeats: int = 5) -> float:
+def torch_matmul_ceiling(gpu: bool = False, repeats: int = 5) -> float:
+    """As `jax_matmul_ceiling`, in PyTorch."""
     import torch
-    a = torch.randn(n, n)
-    a @ a
-    t, _ = median_time(lambda: a @ a, repeats)
+    n, dtype, device = (8192, torch.bfloat16, 'cuda') if gpu else (2048, torch.float32, 'cpu')
+    a = torch.randn(n, n, dtype=dtype, device=device)
+
+    def mm():
+        a @ a
+        if gpu:
+            torch.cuda.synchronize()
+    mm()
+    t, _ = median_time(mm, repeats)
     return 2 * n ** 3 / t / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+# Dense bf16 tensor-core peak in TFLOP/s (no sparsity), from NVIDIA's data sheets, by the name the device reports;
+# MFU = a step's model FLOPs / its time / this. The more specific names come first.
+BF16_PEAK_TFLOPS = (('H100 PCIe', 756.), ('H100 NVL', 835.), ('H100', 989.), ('H200', 989.), ('A100', 312.))
+
+
+def bf16_peak_tflops(device_name: str) -> float:
+    """The data-sheet bf16 peak of `device_name`, or nan when the card is not in the table."""
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in device_name), float('nan'))
+
+
+def jax_gpu_memory() -> dict:
+    """This process's JAX device: its name and the allocator's peak bytes in use, in MiB."""
+    import jax
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    return dict(device=device.device_kind, gpu_peak_mb=stats.get('peak_bytes_in_use', float('nan')) / 2 ** 20)
+
+
+def torch_gpu_memory() -> dict:
+    """As `jax_gpu_memory`, for PyTorch's CUDA caching allocator."""
+    import torch
+    return dict(device=torch.cuda.get_device_name(), gpu_peak_mb=torch.cuda.max_memory_allocated() / 2 ** 20)
+
+
+def torch_sync(gpu: bool):
+    """Wait for queued CUDA work (PyTorch returns before the GPU is done); nothing on the CPU."""
+    if gpu:
+        import torch
+        torch.cuda.synchronize()
+
+
+def torch_precision(spec: dict):
+    """The PyTorch side's precision, as k-diffusion's train.py sets it: on a GPU TF32 for matmuls and cuDNN; a bf16
+    autocast region when spec['dtype'] is bfloat16 (on the CPU too). Returns the autocast context."""
+    import torch
+    if spec['gpu']:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast('cuda' if spec['gpu'] else 'cpu', dtype=torch.bfloat16, enabled=spec['dtype'] == 'bfloat16')
 
 
 # ---------------------------------------------------------------------------------------------------- reporting

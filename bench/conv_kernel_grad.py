@@ -74,13 +74,26 @@ def main():
             jnp.stack([xt[:, :, i:i + h, j:j + h] for i, j in shifts]).reshape(9 * c, -1))
         return (cols @ dy.reshape(-1, c)).reshape(3, 3, c, c)
 
+    wp = h + 2  # padded row length
+
+    def flat_rows_scan(x, dy):
+        # Pad x by one pixel and dy by two on the bottom/right, so both share the row layout of a padded image, and
+        # flatten (image, row, column) into one axis: tap (i, j) is then the contiguous row offset i·(w+2)+j, and
+        # ∂L/∂W[i, j]ᵀ = dyᵀ[c, K] @ x_flat[s:s+K, c], an NN matmul (K = n·(h+2)·(w+2): ~6% zero rows).
+        xf = jnp.pad(pad(x).reshape(-1, c), ((0, 2 * wp + 2), (0, 0)))
+        dyt = jnp.pad(dy, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(-1, c).T
+        offsets = jnp.array([i * wp + j for i, j in shifts])
+        tap = lambda _, s: (None, dyt @ jax.lax.dynamic_slice_in_dim(xf, s, dyt.shape[1], axis=0))
+        return jax.lax.scan(tap, None, offsets)[1].reshape(3, 3, c, c).transpose(0, 1, 3, 2)
+
     reference = None
     print(f'kernel gradient of a 3x3 conv {c}→{c} at {h}², batch {n} ({flops / 1e9:.1f} GFLOP); '
           f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}\n')
     print('| variant | ms | GFLOP/s | rel. diff |\n|---|---|---|---|')
     for name, fn in (('XLA (jax.vjp of the conv)', xla), ('9 shifted-slice dots', shifted_dots),
                      ('im2col + one dot', im2col), ('K-chunked batched dots', k_chunked),
-                     ('channel-major im2col + NN matmul', channel_major_nn)):
+                     ('channel-major im2col + NN matmul', channel_major_nn),
+                     ('flattened-row taps, NN matmuls in a scan', flat_rows_scan)):
         jitted = jax.jit(fn)
         out = np.asarray(jitted(x, dy))
         reference = out if reference is None else reference
@@ -91,6 +104,15 @@ def main():
     mm = jax.jit(lambda a, b: a @ b)
     t = timed(lambda *a: mm(*a).block_until_ready(), cols, dy.reshape(-1, c))
     print(f'| (plain matmul of the same size, operands ready) | {t * 1e3:.1f} | {flops / t / 1e9:.0f} | |')
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    w = jnp.asarray(rng.standard_normal((3, 3, c, c)).astype(np.float32))
+    input_grad = lambda w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]
+    for name, fn, args in (('(the forward convolution, same FLOPs)', conv, (x, w)),
+                           ('(its input gradient, same FLOPs)', input_grad, (w, dy))):
+        jitted = jax.jit(fn)
+        t = timed(lambda *a: jitted(*a).block_until_ready(), *args)
+        print(f'| {name} | {t * 1e3:.1f} | {flops / t / 1e9:.0f} | |')
 
     import torch
     torch.set_num_threads(len(os.sched_getaffinity(0)))

@@ -2,6 +2,7 @@
 """Training-step throughput, kdiff_jax vs PyTorch k-diffusion 0.0.15, same converted weights, one run.
 
   .venv/bin/python bench/train_step.py [--config cars64] [--batch 8] [--target-s 20]
+  python3 bench/train_step.py --gpu --batch 64          # on a GPU: bf16 (see bench/gpu.sh)
 
 One step is k-diffusion's train.py step: noise and σ drawn (the config's density), the Karras loss with dropout on,
 backward, AdamW (the config's hyperparameters), LR schedule step and EMA update. kdiff_jax runs
@@ -10,6 +11,11 @@ backward, AdamW (the config's hyperparameters), LR schedule step and EMA update.
 Each side runs in its own worker process (bench/_common.py); images/s from the median step time after one warm-up
 step (as many steps as fit in --target-s, 2 to 10). The FLOPs of one step are XLA's cost analysis of the compiled
 kdiff_jax step, counted once and used for both sides; the fp32 matmul ceiling is each framework's 2048² matmul.
+
+With --gpu both sides run on the GPU: kdiff_jax with the model's compute dtype bf16 (parameters, normalisation
+statistics and the loss stay fp32), PyTorch under a bf16 autocast with TF32 allowed, as k-diffusion's train.py
+sets it. MFU is the step's FLOPs over its time over the card's data-sheet dense bf16 peak; the measured ceiling is
+then a bf16 8192² matmul.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ def jax_worker(spec):
     from kdiff_jax.training.state import create_train_state
     from kdiff_jax.training.step import make_train_step
     jax.config.update('jax_enable_compilation_cache', False)
-    config, model = C.jax_model(spec['config'], spec['weights'])
+    config, model = C.jax_model(spec['config'], spec['weights'], spec['dtype'])
     mesh = data_mesh()
     tx = make_optimizer(config)
     train_model, state = create_train_state(model, tx, seed=0)
@@ -54,23 +60,24 @@ def jax_worker(spec):
     t0 = C.time.perf_counter()
     metrics = run()
     first = C.time.perf_counter() - t0
-    t, times = C.median_time(run, C.repeats_for(first, spec['target_s']))
+    t, times = C.median_time(run, C.repeats_for(first, spec['target_s'], hi=50 if spec['gpu'] else 10))
     return dict(time=t, times=times, compile_s=compile_s, flops=flops, loss=float(metrics['loss']),
-                ceiling=C.jax_matmul_ceiling(), peak_after_compile_mb=peak_after_compile,
+                ceiling=C.jax_matmul_ceiling(spec['gpu']), peak_after_compile_mb=peak_after_compile,
                 step_buffers_mb=(buffers.argument_size_in_bytes + buffers.output_size_in_bytes
                                  - buffers.alias_size_in_bytes + buffers.temp_size_in_bytes) / 2 ** 20,
-                rss_after_steps_mb=C.memory_status()['VmRSS'])
+                rss_after_steps_mb=C.memory_status()['VmRSS'], **(C.jax_gpu_memory() if spec['gpu'] else {}))
 
 
 def torch_worker(spec):
     import numpy as np
     import torch
     from kdiff_jax.config import to_kdiffusion_dict
-    config, inner, denoiser, K = C.torch_model(spec['config'], spec['weights'])
+    device = 'cuda' if spec['gpu'] else 'cpu'
+    config, inner, denoiser, K = C.torch_model(spec['config'], spec['weights'], device)
     kd = to_kdiffusion_dict(config)
     torch.manual_seed(0)
     inner.train()
-    ema = K.config.make_model(kd).eval()
+    ema = K.config.make_model(kd).eval().to(device)
     ema.load_state_dict(inner.state_dict())
     o = config.optimizer
     opt = torch.optim.AdamW(inner.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -78,14 +85,16 @@ def torch_worker(spec):
     ema_sched = K.utils.EMAWarmup(power=config.ema_sched.power, max_value=config.ema_sched.max_value)
     sample_density = K.config.make_sample_density(kd['model'])
     with np.load(spec['batch']) as f:
-        reals = torch.from_numpy(np.ascontiguousarray(f['image'].transpose(0, 3, 1, 2)))
-        kwargs = {'aug_cond': torch.from_numpy(f['aug_cond'])} if config.model.augment_wrapper else {}
+        reals = torch.from_numpy(np.ascontiguousarray(f['image'].transpose(0, 3, 1, 2))).to(device)
+        kwargs = {'aug_cond': torch.from_numpy(f['aug_cond']).to(device)} if config.model.augment_wrapper else {}
     state = {}
+    precision = C.torch_precision(spec)
 
     def run():  # k-diffusion 0.0.15 train.py, one micro-step without gradient accumulation
         noise = torch.randn_like(reals)
-        sigma = sample_density([reals.shape[0]], device='cpu')
-        losses = denoiser.loss(reals, noise, sigma, **kwargs)
+        sigma = sample_density([reals.shape[0]], device=device)
+        with precision:
+            losses = denoiser.loss(reals, noise, sigma, **kwargs)
         loss = losses.mean()
         loss.backward()
         opt.step()
@@ -94,12 +103,13 @@ def torch_worker(spec):
         K.utils.ema_update(inner, ema, ema_sched.get_value())
         ema_sched.step()
         state['loss'] = loss.item()
+        C.torch_sync(spec['gpu'])
     t0 = C.time.perf_counter()
     run()
     first = C.time.perf_counter() - t0
-    t, times = C.median_time(run, C.repeats_for(first, spec['target_s']))
-    return dict(time=t, times=times, loss=state['loss'], ceiling=C.torch_matmul_ceiling(),
-                threads=torch.get_num_threads())
+    t, times = C.median_time(run, C.repeats_for(first, spec['target_s'], hi=50 if spec['gpu'] else 10))
+    return dict(time=t, times=times, loss=state['loss'], ceiling=C.torch_matmul_ceiling(spec['gpu']),
+                threads=torch.get_num_threads(), **(C.torch_gpu_memory() if spec['gpu'] else {}))
 
 
 def main():
@@ -108,10 +118,14 @@ def main():
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--target-s', type=float, default=20., help='timed seconds per side (2-10 steps)')
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
+    p.add_argument('--gpu', action='store_true', help='run both sides on the GPU')
+    p.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype (default: bfloat16 on a GPU, '
+                   'else float32)')
     args = p.parse_args()
     import numpy as np
-    tmp = C.begin(f'Training step throughput (bench/train_step.py): {args.config}, batch {args.batch}',
-                  args.max_load)
+    dtype = args.dtype or ('bfloat16' if args.gpu else 'float32')
+    tmp = C.begin(f'Training step throughput (bench/train_step.py): {args.config}, batch {args.batch}, {dtype}'
+                  f'{" on the GPU" if args.gpu else ""}', args.max_load)
     config = C.load_bench_config(args.config)
     weights = C.write_weights(args.config, tmp / 'w.npz')
     rng = np.random.default_rng(0)
@@ -122,7 +136,7 @@ def main():
     res = {}
     for side in ('jax', 'torch'):
         spec = dict(side=side, config=args.config, weights=str(weights), batch=str(tmp / 'batch.npz'),
-                    target_s=args.target_s)
+                    target_s=args.target_s, gpu=args.gpu, dtype=dtype)
         res[side] = C.run_worker(__file__, spec)
     j, t = res['jax'], res['torch']
     gf = j['flops'] / 1e9
@@ -136,11 +150,21 @@ def main():
           f"({gf / j['time'] / j['ceiling']:.0%}) | {gf / t['time']:.0f} ({gf / t['time'] / t['ceiling']:.0%}) | "
           f"{j['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} | {j['others_cores']:.2f} / {t['others_cores']:.2f} |")
     print(f"\nsteps timed: jax {len(j['times'])}, torch {len(t['times'])}; first-step loss jax {j['loss']:.4f}, "
-          f"torch {t['loss']:.4f} (different noise draws); fp32 matmul ceiling XLA {j['ceiling']:.0f}, PyTorch "
+          f"torch {t['loss']:.4f} (different noise draws); {'bf16' if args.gpu else 'fp32'} matmul ceiling XLA "
+          f"{j['ceiling']:.0f}, PyTorch "
           f"{t['ceiling']:.0f} GFLOP/s; 1-min load at end: {C.loadavg():.2f}")
     print(f"kdiff_jax memory: peak RSS {j['peak_after_compile_mb']:.0f} MiB already at the end of compilation (no step "
           f"run yet); the compiled step's buffers (XLA buffer assignment: state in/out less donated, temporaries) "
           f"{j['step_buffers_mb']:.0f} MiB; resident after the timed steps {j['rss_after_steps_mb']:.0f} MiB")
+    if args.gpu:
+        peak = C.bf16_peak_tflops(j['device'])
+        header = ('| GPU | kdiff_jax MFU | PyTorch MFU | dense bf16 peak TFLOP/s (data sheet) | '
+                  'bf16 matmul TFLOP/s jax / torch | GPU peak MiB jax / torch |')
+        print('\n' + header + '\n|' + '---|' * (header.count('|') - 1))
+        mfu_j, mfu_t = gf / j['time'] / 1e3 / peak, gf / t['time'] / 1e3 / peak
+        print(f"| {j['device']} / {t['device']} | {mfu_j:.1%} | {mfu_t:.1%} | "
+              f"{peak:.0f} | {j['ceiling'] / 1e3:.0f} / {t['ceiling'] / 1e3:.0f} | {j['gpu_peak_mb']:.0f} / "
+              f"{t['gpu_peak_mb']:.0f} |")
 
 
 if __name__ == '__main__':

@@ -1,0 +1,44 @@
+"""The bench/ scripts still run, one command each, on the demo config (numbers are not checked here: speed is
+measured on a quiet machine, see bench/RESULTS.md). Both sides must agree where they compute the same thing."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The test machine is busy (the suite runs in parallel): do not wait for it to settle or repeat noisy runs.
+BUSY_OK = {'BENCH_IDLE_WAIT_S': '0', 'BENCH_MAX_OTHERS': '99'}
+
+
+def run_bench(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / 'bench' / script), '--config', 'demo', '--max-load', '1000',
+                           *args], capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, **BUSY_OK})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_row(out: str, first_cell: str) -> list[str]:
+    rows = [line for line in out.splitlines() if line.startswith(f'| {first_cell} |')]
+    assert len(rows) == 1, out
+    return [cell.strip() for cell in rows[0].strip('|').split('|')]
+
+
+def test_sampling_bench_matches_pytorch():
+    out = run_bench('sampling.py', '--batch', '2', '--samplers', 'dpmpp_2m:4')
+    row = table_row(out, 'dpmpp_2m')
+    assert row[1:3] == ['4', '4']
+    assert float(row[9]) < 1e-4  # rel err between the two final samples (fp32, same weights and noise)
+    assert re.fullmatch(r'\d+\.\d\dx', row[7])
+
+
+def test_train_step_bench_in_bf16():
+    out = run_bench('train_step.py', '--batch', '2', '--target-s', '0.1', '--dtype', 'bfloat16')
+    assert 'bfloat16' in out.splitlines()[0]
+    row = table_row(out, 'demo')
+    assert row[1] == '2'
+    assert float(row[2]) > 0 and float(row[3]) > 0  # images/s on each side
+    assert re.search(r'first-step loss jax \d+\.\d+, torch \d+\.\d+', out)
