@@ -18,7 +18,7 @@ SAVED = nnx.Any(nnx.Param, Buffer)
 
 def saved_variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
     """Parameters and buffers of `model` by NNX path, e.g. ('inner_model', 'proj_in', 'kernel')."""
-    return dict(nnx.state(model, SAVED).flat_state())
+    return dict(nnx.to_flat_state(nnx.state(model, SAVED)))
 
 
 def path_to_str(path: Path) -> str:
@@ -45,4 +45,4 @@ def assign_variables(model: nnx.Module, values: Mapping[Path, object]) -> None:
         if value.shape != var.shape:
             raise ValueError(f'{path_to_str(path)}: shape {value.shape} does not match the model\'s {var.shape}')
         new[path] = var.replace(value)
-    nnx.update(model, nnx.State.from_flat_path(new))
+    nnx.update(model, nnx.from_flat_state(new))

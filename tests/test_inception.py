@@ -112,7 +112,7 @@ def test_fc_and_num_batches_tracked_are_optional(weights_path, extractor):
     assert 'fc.weight' in state_dict and 'Conv2d_1a_3x3.bn.num_batches_tracked' in state_dict
     bare = {k: v for k, v in state_dict.items() if not (k.startswith('fc.') or k.endswith('num_batches_tracked'))}
     model = inception_from_state_dict(bare)
-    for (path, a), (_, b) in zip(nnx.state(model).flat_state(), extractor.state.flat_state()):
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(extractor.state)):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
 
 

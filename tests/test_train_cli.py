@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from kdiff_jax.config import apply_overrides, load_config
 from kdiff_jax.factory import make_model
@@ -47,8 +48,8 @@ def final_params(run_dir: Path, step: int | None = None, overrides=()) -> dict[s
     _, state = create_train_state(make_model(config, initialize=False), make_optimizer(config), 0)
     ckpt = TrainCheckpointer(run_dir / 'checkpoints', asynchronous=False)
     restored, _ = ckpt.restore(abstract_like(state, replicated(data_mesh())), step)
-    return {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in restored.params.flat_state()} | {
-        'ema/' + '/'.join(map(str, k)): np.asarray(v[...]) for k, v in restored.ema_params.flat_state()}
+    return {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(restored.params)} | {
+        'ema/' + '/'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(restored.ema_params)}
 
 
 def assert_same_params(a, b, rtol=0., atol=0.):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from kdiff_jax.config import load_config, to_kdiffusion_dict
 from kdiff_jax.factory import make_model
@@ -163,7 +164,7 @@ def three_sharded_steps(process_id: int = 0, num_processes: int = 1) -> dict[str
         state, _ = step(state, shard_batch(local, mesh))
     assert state.params['inner_model']['proj_in']['kernel'].sharding.is_fully_replicated
     params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
-    return {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in params.flat_state()}
+    return {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(params)}
 
 
 @pytest.fixture(scope='module')
@@ -194,9 +195,8 @@ def test_one_and_four_devices_train_the_same_parameters(one_device_params, tmp_p
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_params_close(dict(np.load(tmp_path / 'four.npz')), one_device_params)
-    start = {'/'.join(map(str, k)): np.asarray(v[...])
-             for k, v in create_train_state(make_model(tiny_config(), seed=1), make_optimizer(tiny_config()), 7)[1]
-             .params.flat_state()}
+    start_params = create_train_state(make_model(tiny_config(), seed=1), make_optimizer(tiny_config()), 7)[1].params
+    start = {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(start_params)}
     assert all(not np.array_equal(one_device_params[k], start[k]) for k in start)  # every parameter was trained
 
 

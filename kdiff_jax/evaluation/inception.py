@@ -309,7 +309,8 @@ def _abstract_inception(precision) -> InceptionV3:
 
 
 def _torch_shapes(model: InceptionV3) -> dict[str, tuple[int, ...]]:
-    return {_torch_key(path): _to_torch_shape(path, tuple(var.shape)) for path, var in nnx.state(model).flat_state()}
+    return {_torch_key(path): _to_torch_shape(path, tuple(var.shape))
+            for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
 def inception_state_dict_shapes() -> dict[str, tuple[int, ...]]:
@@ -348,12 +349,12 @@ def inception_from_state_dict(state_dict: Mapping[str, np.ndarray], source: str 
             f'{source} does not match the FID Inception v3 (pytorch-fid {INCEPTION_WEIGHTS_FILE} keys):\n{problems}')
     graphdef, state = nnx.split(abstract)
     filled = {}
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         array = np.asarray(used[_torch_key(path)], np.float32)
         if path[-1] == 'kernel':
             array = np.transpose(array, (2, 3, 1, 0))  # OIHW → HWIO
         filled[path] = var.replace(jnp.asarray(array))
-    return nnx.merge(graphdef, nnx.State.from_flat_path(filled))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def train_state_from_torch(ckpt: Mapping, config, tx: optax.MultiSteps, seed: in
             value = torch_moments.get(key)
             flat[path] = (jnp.zeros(param_vars[path].shape, jnp.float32) if value is None else
                           jnp.asarray(from_torch_layout(path, param_vars[path], np.asarray(value, np.float32))))
-        return nnx.State.from_flat_path({p: param_vars[p].replace(v) for p, v in flat.items()})
+        return nnx.from_flat_state({p: param_vars[p].replace(v) for p, v in flat.items()})
 
     count = jnp.asarray(adam_step, jnp.int32)
 
