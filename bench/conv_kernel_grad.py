@@ -86,6 +86,15 @@ def main():
         tap = lambda _, s: (None, dyt @ jax.lax.dynamic_slice_in_dim(xf, s, dyt.shape[1], axis=0))
         return jax.lax.scan(tap, None, offsets)[1].reshape(3, 3, c, c).transpose(0, 1, 3, 2)
 
+    def column_taps_conv1d(x, dy):
+        # For each column tap j, a 1-D convolution over rows whose features are (image, column): the window runs over
+        # the h rows and the contraction reads n·w contiguous values, not the batch alone as XLA's own does.
+        xt = pad(x).transpose(3, 1, 2, 0)  # [c, h+2, w+2, n]
+        d = dy.transpose(1, 2, 0, 3).reshape(h, h * n, c)  # [h, w·n, c]
+        conv1d = lambda lhs: jax.lax.conv_general_dilated(lhs, d, (1,), ((0, 0),),
+                                                          dimension_numbers=('NWC', 'WIO', 'NWC'))
+        return jnp.stack([conv1d(xt[:, :, j:j + h].reshape(c, h + 2, h * n)).transpose(1, 0, 2) for j in range(3)], 1)
+
     reference = None
     print(f'kernel gradient of a 3x3 conv {c}→{c} at {h}², batch {n} ({flops / 1e9:.1f} GFLOP); '
           f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}\n')
@@ -93,7 +102,8 @@ def main():
     for name, fn in (('XLA (jax.vjp of the conv)', xla), ('9 shifted-slice dots', shifted_dots),
                      ('im2col + one dot', im2col), ('K-chunked batched dots', k_chunked),
                      ('channel-major im2col + NN matmul', channel_major_nn),
-                     ('flattened-row taps, NN matmuls in a scan', flat_rows_scan)):
+                     ('flattened-row taps, NN matmuls in a scan', flat_rows_scan),
+                     ('column taps, 1-D convolutions over rows', column_taps_conv1d)):
         jitted = jax.jit(fn)
         out = np.asarray(jitted(x, dy))
         reference = out if reference is None else reference
