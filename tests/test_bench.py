@@ -35,10 +35,21 @@ def test_sampling_bench_matches_pytorch():
     assert re.fullmatch(r'\d+\.\d\dx', row[7])
 
 
-def test_train_step_bench_in_bf16():
-    out = run_bench('train_step.py', '--batch', '2', '--target-s', '0.1', '--dtype', 'bfloat16')
-    assert 'bfloat16' in out.splitlines()[0]
-    row = table_row(out, 'demo')
-    assert row[1] == '2'
-    assert float(row[2]) > 0 and float(row[3]) > 0  # images/s on each side
-    assert re.search(r'first-step loss jax \d+\.\d+, torch \d+\.\d+', out)
+def test_gpu_script_pipeline_on_the_cpu(tmp_path):
+    """bench/gpu.sh end to end with the GPU flag left out: bf16 on both sides (JAX's compute dtype, PyTorch's CPU
+    autocast), the training step then the two samplers, each table in $OUT."""
+    env = {**os.environ, **BUSY_OK, 'GPU_FLAG': '', 'WHEELS': '', 'CONFIG': 'demo', 'BATCH': '2',
+           'PYTHON': sys.executable, 'OUT': str(tmp_path)}
+    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu.sh')], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train = (tmp_path / 'train_step.md').read_text()
+    assert 'bfloat16' in train.splitlines()[0]
+    row = table_row(train, 'demo')
+    assert row[1] == '2' and float(row[2]) > 0 and float(row[3]) > 0  # images/s on each side
+    assert re.search(r'first-step loss jax \d+\.\d+, torch \d+\.\d+', train)
+    sampling = (tmp_path / 'sampling.md').read_text()
+    for sampler, steps, evals in (('dpmpp_2m', '50', '50'), ('heun', '25', '49')):
+        row = table_row(sampling, sampler)
+        assert row[1:3] == [steps, evals]
+        assert float(row[9]) < 1e-2  # bf16 on both sides (5e-4 seen): agree to bf16 precision
