@@ -6,8 +6,8 @@
 # heun 25), kdiff_jax against PyTorch k-diffusion 0.0.15 on the same card and the same converted weights. Uses the
 # machine's own python3 (jax[cuda], torch) plus the carried wheels. The tables go to stdout and to $OUT (or
 # bench_out/), one file per script; each part has its own time limit so that one failure leaves the others.
-# CONFIG, BATCH, DTYPE, GPU_FLAG, PYTHON and WHEELS override the defaults: `GPU_FLAG= WHEELS= CONFIG=demo BATCH=2
-# bash bench/gpu.sh` runs the same pipeline on the CPU (tests/test_bench.py does).
+# CONFIG, BATCH, DTYPE, SAMPLERS, GPU_FLAG, PYTHON and WHEELS override the defaults:
+# `GPU_FLAG= WHEELS= CONFIG=demo BATCH=2 bash bench/gpu.sh` runs the same pipeline on the CPU (tests/test_bench.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench_out}
@@ -27,5 +27,5 @@ config=${CONFIG:-cars64} batch=${BATCH:-64} dtype=${DTYPE:-bfloat16} gpu=${GPU_F
 timeout 300 $python bench/train_step.py $gpu --config "$config" --dtype "$dtype" --batch "$batch" --target-s 5 \
     --max-load 1000 2>&1 | tee "$out/train_step.md"
 timeout 240 $python bench/sampling.py $gpu --config "$config" --dtype "$dtype" --batch "$batch" --repeats 2 \
-    --samplers dpmpp_2m:50 heun:25 --max-load 1000 2>&1 | tee "$out/sampling.md"
+    --samplers ${SAMPLERS:-dpmpp_2m:50 heun:25} --max-load 1000 2>&1 | tee "$out/sampling.md"
 echo "GPU benchmark tables: $out/{gpu.txt,train_step.md,sampling.md}"

@@ -37,9 +37,9 @@ def test_sampling_bench_matches_pytorch():
 
 def test_gpu_script_pipeline_on_the_cpu(tmp_path):
     """bench/gpu.sh end to end with the GPU flag left out: bf16 on both sides (JAX's compute dtype, PyTorch's CPU
-    autocast), the training step then the two samplers, each table in $OUT."""
+    autocast), the training step then sampling (one short sampler here), each table in $OUT."""
     env = {**os.environ, **BUSY_OK, 'GPU_FLAG': '', 'WHEELS': '', 'CONFIG': 'demo', 'BATCH': '2',
-           'PYTHON': sys.executable, 'OUT': str(tmp_path)}
+           'SAMPLERS': 'heun:4', 'PYTHON': sys.executable, 'OUT': str(tmp_path)}
     proc = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu.sh')], capture_output=True, text=True, cwd=ROOT,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -49,7 +49,6 @@ def test_gpu_script_pipeline_on_the_cpu(tmp_path):
     assert row[1] == '2' and float(row[2]) > 0 and float(row[3]) > 0  # images/s on each side
     assert re.search(r'first-step loss jax \d+\.\d+, torch \d+\.\d+', train)
     sampling = (tmp_path / 'sampling.md').read_text()
-    for sampler, steps, evals in (('dpmpp_2m', '50', '50'), ('heun', '25', '49')):
-        row = table_row(sampling, sampler)
-        assert row[1:3] == [steps, evals]
-        assert float(row[9]) < 1e-2  # bf16 on both sides (5e-4 seen): agree to bf16 precision
+    row = table_row(sampling, 'heun')
+    assert row[1:3] == ['4', '7']  # steps, model evaluations
+    assert float(row[9]) < 1e-2  # bf16 on both sides (5e-4 seen at 25 steps): agree to bf16 precision
