@@ -21,7 +21,8 @@ fi
 # Others' CPU use is what the CPU tables guard against; on the GPU machine it is not what is measured.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BENCH_IDLE_WAIT_S=0 BENCH_MAX_OTHERS=99
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  ${PYTHON:-python3} -c 'import jax, flax, torch; print("jax", jax.__version__, jax.devices(), "flax", flax.__version__, "torch", torch.__version__)'
+  ${PYTHON:-python3} -c 'import jax, flax, torch
+print("jax", jax.__version__, jax.devices(), "flax", flax.__version__, "torch", torch.__version__)'
 } 2>&1 | tee "$out/gpu.txt"
 config=${CONFIG:-cars64} batch=${BATCH:-64} dtype=${DTYPE:-bfloat16} gpu=${GPU_FLAG---gpu} python=${PYTHON:-python3}
 timeout 300 $python bench/train_step.py $gpu --config "$config" --dtype "$dtype" --batch "$batch" --target-s 5 \
