@@ -1,5 +1,5 @@
-"""The bench/ scripts still run, one command each, on the demo config (numbers are not checked here: speed is
-measured on a quiet machine, see bench/RESULTS.md). Both sides must agree where they compute the same thing."""
+"""The bench/ scripts still run, through bench/gpu.sh's pipeline on the CPU and the demo config (numbers are not
+checked here: speed is measured on a quiet machine, see bench/RESULTS.md). Both sides must compute the same thing."""
 
 from __future__ import annotations
 
@@ -14,25 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BUSY_OK = {'BENCH_IDLE_WAIT_S': '0', 'BENCH_MAX_OTHERS': '99'}
 
 
-def run_bench(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / 'bench' / script), '--config', 'demo', '--max-load', '1000',
-                           *args], capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, **BUSY_OK})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
-
-
 def table_row(out: str, first_cell: str) -> list[str]:
     rows = [line for line in out.splitlines() if line.startswith(f'| {first_cell} |')]
     assert len(rows) == 1, out
     return [cell.strip() for cell in rows[0].strip('|').split('|')]
-
-
-def test_sampling_bench_matches_pytorch():
-    out = run_bench('sampling.py', '--batch', '2', '--samplers', 'dpmpp_2m:4')
-    row = table_row(out, 'dpmpp_2m')
-    assert row[1:3] == ['4', '4']
-    assert float(row[9]) < 1e-4  # rel err between the two final samples (fp32, same weights and noise)
-    assert re.fullmatch(r'\d+\.\d\dx', row[7])
 
 
 def test_gpu_script_pipeline_on_the_cpu(tmp_path):
@@ -51,4 +36,6 @@ def test_gpu_script_pipeline_on_the_cpu(tmp_path):
     sampling = (tmp_path / 'sampling.md').read_text()
     row = table_row(sampling, 'heun')
     assert row[1:3] == ['4', '7']  # steps, model evaluations
-    assert float(row[9]) < 1e-2  # bf16 on both sides (5e-4 seen at 25 steps): agree to bf16 precision
+    # Both sides computed the same samples from the same noise, to bf16 precision (5e-4 seen at 25 steps; the fp32
+    # bench agrees to ~6e-7, bench/RESULTS.md): a mismatch of inputs or schedules would show as an O(1) error.
+    assert float(row[9]) < 1e-2
