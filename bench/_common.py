@@ -194,6 +194,32 @@ def jax_model(config_name: str, weights: str, dtype: str = 'float32'):
     return config, model
 
 
+def train_batch(config_name: str, batch_size: int, seed: int = 0) -> dict:
+    """The training benchmarks' batch (numpy): images in (-1, 1), tanh of a normal draw, and augmentation
+    conditions."""
+    import numpy as np
+    m = load_bench_config(config_name).model
+    rng = np.random.default_rng(seed)
+    return {'image': np.tanh(rng.standard_normal((batch_size, *m.input_size, m.input_channels))).astype(np.float32),
+            'aug_cond': (rng.standard_normal((batch_size, 9)) * 0.2).astype(np.float32)}
+
+
+def jax_train_step(config_name: str, weights: str, dtype: str, batch: dict):
+    """(step, state, batch) of kdiff_jax's training as train.py builds it: the TrainState (AdamW, EMA) replicated
+    over a 1-device data mesh, `make_train_step` jitted with the state donated, `batch` placed on the mesh."""
+    from kdiff_jax.training.optimizer import make_optimizer
+    from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
+    from kdiff_jax.training.state import create_train_state
+    from kdiff_jax.training.step import make_train_step
+    config, model = jax_model(config_name, weights, dtype)
+    mesh = data_mesh()
+    tx = make_optimizer(config)
+    train_model, state = create_train_state(model, tx, seed=0)
+    state = replicate(state, mesh)
+    step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
+    return step, state, shard_batch(batch, mesh)
+
+
 def torch_model(config_name: str, weights: str, device: str = 'cpu'):
     """(config, k-diffusion inner model, its Karras denoiser wrapper) with the weights of `weights`, on `device`."""
     import numpy as np

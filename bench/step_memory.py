@@ -33,28 +33,13 @@ def main():
     tmp = C.begin(f'Training-step memory (bench/step_memory.py): {args.config}, batch {args.batch}', 1e9)
     weights = C.write_weights(args.config, tmp / 'w.npz')  # imports torch: before the baseline below
     import jax
-    import numpy as np
-    from kdiff_jax.training.optimizer import make_optimizer
-    from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
-    from kdiff_jax.training.state import create_train_state
-    from kdiff_jax.training.step import make_train_step
     jax.config.update('jax_enable_compilation_cache', False)
     mib = lambda n: n / 2 ** 20
     rss = lambda: C.memory_status()['VmRSS']
 
-    config, model = C.jax_model(args.config, str(weights))
-    mesh = data_mesh()
-    tx = make_optimizer(config)
-    train_model, state = create_train_state(model, tx, seed=0)
-    state = replicate(state, mesh)
-    m = config.model
-    rng = np.random.default_rng(0)
-    batch = shard_batch({'image': np.tanh(rng.standard_normal((args.batch, *m.input_size, m.input_channels))
-                                          ).astype(np.float32),
-                         'aug_cond': (rng.standard_normal((args.batch, 9)) * 0.2).astype(np.float32)}, mesh)
+    step, state, batch = C.jax_train_step(args.config, str(weights), 'float32', C.train_batch(args.config, args.batch))
     state_mib = mib(sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, 'nbytes')))
     before = rss()
-    step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
     compiled = step.lower(state, batch).compile()
     after_compile = rss()
     ctypes.CDLL('libc.so.6').malloc_trim(0)

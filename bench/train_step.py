@@ -32,19 +32,9 @@ import _common as C  # noqa: E402
 def jax_worker(spec):
     import jax
     import numpy as np
-    from kdiff_jax.training.optimizer import make_optimizer
-    from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
-    from kdiff_jax.training.state import create_train_state
-    from kdiff_jax.training.step import make_train_step
     jax.config.update('jax_enable_compilation_cache', False)
-    config, model = C.jax_model(spec['config'], spec['weights'], spec['dtype'])
-    mesh = data_mesh()
-    tx = make_optimizer(config)
-    train_model, state = create_train_state(model, tx, seed=0)
-    state = replicate(state, mesh)
-    step = jit_train_step(make_train_step(config, train_model, tx), mesh, state)
     with np.load(spec['batch']) as f:
-        batch = shard_batch({'image': f['image'], 'aug_cond': f['aug_cond']}, mesh)
+        step, state, batch = C.jax_train_step(spec['config'], spec['weights'], spec['dtype'], dict(f))
     t0 = C.time.perf_counter()
     lowered = step.lower(state, batch)
     compiled = lowered.compile()
@@ -130,13 +120,8 @@ def main():
     dtype = args.dtype or ('bfloat16' if args.gpu else 'float32')
     tmp = C.begin(f'Training step throughput (bench/train_step.py): {args.config}, batch {args.batch}, {dtype}'
                   f'{" on the GPU" if args.gpu else ""}', args.max_load)
-    config = C.load_bench_config(args.config)
     weights = C.write_weights(args.config, tmp / 'w.npz')
-    rng = np.random.default_rng(0)
-    m = config.model
-    np.savez(tmp / 'batch.npz',
-             image=np.tanh(rng.standard_normal((args.batch, *m.input_size, m.input_channels))).astype(np.float32),
-             aug_cond=(rng.standard_normal((args.batch, 9)) * 0.2).astype(np.float32))
+    np.savez(tmp / 'batch.npz', **C.train_batch(args.config, args.batch))
     res = {}
     for side in ('jax', 'torch'):
         spec = dict(side=side, config=args.config, weights=str(weights), batch=str(tmp / 'batch.npz'),
