@@ -256,8 +256,7 @@ def torch_matmul_ceiling(gpu: bool = False, repeats: int = 5) -> float:
 
     def mm():
         a @ a
-        if gpu:
-            torch.cuda.synchronize()
+        torch_sync(gpu)
     mm()
     t, _ = median_time(mm, repeats)
     return 2 * n ** 3 / t / 1e9
@@ -275,16 +274,37 @@ def bf16_peak_tflops(device_name: str) -> float:
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in device_name), float('nan'))
 
 
-def jax_gpu_memory() -> dict:
-    """This process's JAX device: its name and the allocator's peak bytes in use, in MiB."""
+def add_device_args(parser):
+    """The --gpu and --dtype options of the scripts that run on a GPU too."""
+    parser.add_argument('--gpu', action='store_true', help='run both sides on the GPU')
+    parser.add_argument('--dtype', choices=('float32', 'bfloat16'),
+                        help='compute dtype (default: bfloat16 on a GPU, else float32)')
+
+
+def run_dtype(args) -> str:
+    """The compute dtype of a run: --dtype, else bfloat16 on a GPU and float32 on the CPU."""
+    return args.dtype or ('bfloat16' if args.gpu else 'float32')
+
+
+def device_label(args) -> str:
+    """', <dtype>[ on the GPU]', for a script's title."""
+    return f', {run_dtype(args)}' + (' on the GPU' if args.gpu else '')
+
+
+def jax_gpu_memory(gpu: bool) -> dict:
+    """On a GPU, this process's JAX device: its name and the allocator's peak bytes in use, in MiB ({} on the CPU)."""
+    if not gpu:
+        return {}
     import jax
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     return dict(device=device.device_kind, gpu_peak_mb=stats.get('peak_bytes_in_use', float('nan')) / 2 ** 20)
 
 
-def torch_gpu_memory() -> dict:
+def torch_gpu_memory(gpu: bool) -> dict:
     """As `jax_gpu_memory`, for PyTorch's CUDA caching allocator."""
+    if not gpu:
+        return {}
     import torch
     return dict(device=torch.cuda.get_device_name(), gpu_peak_mb=torch.cuda.max_memory_allocated() / 2 ** 20)
 

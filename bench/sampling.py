@@ -44,7 +44,7 @@ def jax_worker(spec):
     first = C.time.perf_counter() - t0
     np.save(spec['output'], np.asarray(out))
     t, times = C.median_time(run, spec['repeats'])
-    return dict(first=first, time=t, times=times, **(C.jax_gpu_memory() if spec['gpu'] else {}))
+    return dict(first=first, time=t, times=times, **C.jax_gpu_memory(spec['gpu']))
 
 
 def torch_worker(spec):
@@ -70,7 +70,7 @@ def torch_worker(spec):
     first = C.time.perf_counter() - t0
     np.save(spec['output'], out.float().cpu().numpy().transpose(0, 2, 3, 1))
     t, times = C.median_time(run, spec['repeats'])
-    return dict(first=first, time=t, times=times, **(C.torch_gpu_memory() if spec['gpu'] else {}))
+    return dict(first=first, time=t, times=times, **C.torch_gpu_memory(spec['gpu']))
 
 
 def main():
@@ -81,14 +81,12 @@ def main():
                    help='sampler:steps pairs')
     p.add_argument('--repeats', type=int, default=1, help='steady-state calls timed after the first one')
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
-    p.add_argument('--gpu', action='store_true', help='run both sides on the GPU')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype (default: bfloat16 on a GPU, '
-                   'else float32)')
+    C.add_device_args(p)
     args = p.parse_args()
     import numpy as np
-    dtype = args.dtype or ('bfloat16' if args.gpu else 'float32')
-    tmp = C.begin(f'Sampling wall time (bench/sampling.py): {args.config}, batch {args.batch}, {dtype}'
-                  f'{" on the GPU" if args.gpu else ""}', args.max_load)
+    dtype = C.run_dtype(args)
+    tmp = C.begin(f'Sampling wall time (bench/sampling.py): {args.config}, batch {args.batch}'
+                  f'{C.device_label(args)}', args.max_load)
     config = C.load_bench_config(args.config)
     weights = C.write_weights(args.config, tmp / 'w.npz')
     rng = np.random.default_rng(0)

@@ -29,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
+def timed_steps(spec, first_s: float) -> int:
+    """How many steps to time: as many as fit in --target-s, 2 to 10 (to 50 on a GPU, where steps are short)."""
+    return C.repeats_for(first_s, spec['target_s'], hi=50 if spec['gpu'] else 10)
+
+
 def jax_worker(spec):
     import jax
     import numpy as np
@@ -54,12 +59,12 @@ def jax_worker(spec):
     t0 = C.time.perf_counter()
     metrics = run()
     first = C.time.perf_counter() - t0
-    t, times = C.median_time(run, C.repeats_for(first, spec['target_s'], hi=50 if spec['gpu'] else 10))
+    t, times = C.median_time(run, timed_steps(spec, first))
     return dict(time=t, times=times, compile_s=compile_s, flops=flops, loss=float(metrics['loss']),
                 ceiling=C.jax_matmul_ceiling(spec['gpu']), peak_after_compile_mb=peak_after_compile,
                 step_buffers_mb=(buffers.argument_size_in_bytes + buffers.output_size_in_bytes
                                  - buffers.alias_size_in_bytes + buffers.temp_size_in_bytes) / 2 ** 20,
-                rss_after_steps_mb=C.memory_status()['VmRSS'], **(C.jax_gpu_memory() if spec['gpu'] else {}))
+                rss_after_steps_mb=C.memory_status()['VmRSS'], **C.jax_gpu_memory(spec['gpu']))
 
 
 def torch_worker(spec):
@@ -101,9 +106,9 @@ def torch_worker(spec):
     t0 = C.time.perf_counter()
     run()
     first = C.time.perf_counter() - t0
-    t, times = C.median_time(run, C.repeats_for(first, spec['target_s'], hi=50 if spec['gpu'] else 10))
+    t, times = C.median_time(run, timed_steps(spec, first))
     return dict(time=t, times=times, loss=state['loss'], ceiling=C.torch_matmul_ceiling(spec['gpu']),
-                threads=torch.get_num_threads(), **(C.torch_gpu_memory() if spec['gpu'] else {}))
+                threads=torch.get_num_threads(), **C.torch_gpu_memory(spec['gpu']))
 
 
 def main():
@@ -112,14 +117,12 @@ def main():
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--target-s', type=float, default=20., help='timed seconds per side (2-10 steps)')
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
-    p.add_argument('--gpu', action='store_true', help='run both sides on the GPU')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), help='compute dtype (default: bfloat16 on a GPU, '
-                   'else float32)')
+    C.add_device_args(p)
     args = p.parse_args()
     import numpy as np
-    dtype = args.dtype or ('bfloat16' if args.gpu else 'float32')
-    tmp = C.begin(f'Training step throughput (bench/train_step.py): {args.config}, batch {args.batch}, {dtype}'
-                  f'{" on the GPU" if args.gpu else ""}', args.max_load)
+    dtype = C.run_dtype(args)
+    tmp = C.begin(f'Training step throughput (bench/train_step.py): {args.config}, batch {args.batch}'
+                  f'{C.device_label(args)}', args.max_load)
     weights = C.write_weights(args.config, tmp / 'w.npz')
     np.savez(tmp / 'batch.npz', **C.train_batch(args.config, args.batch))
     res = {}
