@@ -42,6 +42,7 @@ CHURN = dict(s_tmin=0.05, s_tmax=50., s_noise=1.003)
 STOCHASTIC = {
     'euler_ancestral': ('euler_ancestral', {}),
     'euler_ancestral_eta0.6': ('euler_ancestral', dict(eta=0.6, s_noise=1.01)),
+    'euler_ancestral_eta3': ('euler_ancestral', dict(eta=3.)),  # σ_up = σ_to: σ_down = 0, not NaN
     'dpm_2_ancestral': ('dpm_2_ancestral', {}),
     'dpmpp_2s_ancestral': ('dpmpp_2s_ancestral', {}),
     'dpmpp_sde': ('dpmpp_sde', {}),

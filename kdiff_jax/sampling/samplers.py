@@ -127,6 +127,16 @@ def _sigma(t):
     return jnp.exp(-t)
 
 
+def _sqrt_of_squares_difference(a, b):
+    """√(a² − b²) for |a| ≥ |b|, with the difference computed as (a − b)·(a + b), clamped at 0.
+
+    Written as a² − b², XLA:CPU may contract it into an FMA whose result at b = a is a·a's rounding error instead of
+    0: √ of it is NaN or ~2·10⁻⁴·a where k-diffusion (PyTorch, no contraction) gets exactly 0. That happens in
+    ancestral steps with eta > 1 (σ_up = σ_to) and, under jaxlib 0.11, in dpm_fast's last step with eta > 0. The
+    factored form is exactly 0 at b = a and accurate to an ulp or two elsewhere."""
+    return jnp.sqrt(jnp.maximum((a - b) * (a + b), 0.))
+
+
 def _log_midpoint(a, b):
     """The geometric mean √(a·b), as exp of the midpoint of log a and log b (interpolated from the b end)."""
     log_a, log_b = jnp.log(a), jnp.log(b)
@@ -141,9 +151,8 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.):
     """
     if _is_static_zero(eta):
         return sigma_to, 0.
-    sigma_up = jnp.minimum(sigma_to,
-                           eta * jnp.sqrt(sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2))
-    sigma_down = jnp.sqrt(sigma_to ** 2 - sigma_up ** 2)
+    sigma_up = jnp.minimum(sigma_to, eta * sigma_to * _sqrt_of_squares_difference(sigma_from, sigma_to) / sigma_from)
+    sigma_down = _sqrt_of_squares_difference(sigma_to, sigma_up)
     return sigma_down, sigma_up
 
 
@@ -165,7 +174,7 @@ def _churn(n_steps, s_churn, s_tmin, s_tmax, s_noise, noise_sampler):
         inside = (s_tmin <= sigma) & (sigma <= s_tmax)
         g = jnp.where(inside, gamma, 0.)
         sigma_hat = sigma * jnp.where(inside, jnp.float32(gamma + 1), jnp.float32(1.))
-        x = jnp.where(g > 0, x + eps * jnp.sqrt(sigma_hat ** 2 - sigma ** 2), x)
+        x = jnp.where(g > 0, x + eps * _sqrt_of_squares_difference(sigma_hat, sigma), x)
         return x, sigma_hat
 
     return churn
@@ -720,7 +729,7 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
         if noise is not None:
             sd, _ = get_ancestral_step(_sigma(t), _sigma(t_next), eta)
             t_next_ = jnp.minimum(t_end, _t(sd))
-            su = jnp.sqrt(_sigma(t_next) ** 2 - _sigma(t_next_) ** 2)
+            su = _sqrt_of_squares_difference(_sigma(t_next), _sigma(t_next_))
         else:
             t_next_ = t_next
         eps = solver.eps(x, t)
@@ -774,7 +783,7 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
         if noise is not None:
             sd, _ = get_ancestral_step(_sigma(s), _sigma(t), eta)
             t_ = jnp.minimum(t_end, _t(sd))
-            su = jnp.sqrt(_sigma(t) ** 2 - _sigma(t_) ** 2)
+            su = _sqrt_of_squares_difference(_sigma(t), _sigma(t_))
         else:
             t_ = t
         eps = solver.eps(x, s)
