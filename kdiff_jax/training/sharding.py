@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .compiler_options import train_step_compiler_options
+
 DATA_AXIS = 'data'
 
 
@@ -40,7 +42,9 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
 
 
 def jit_train_step(train_step: Callable, mesh: Mesh, state) -> Callable:
-    """`train_step` compiled with the state replicated (and donated) and the batch split over `mesh`."""
+    """`train_step` compiled with the state replicated (and donated) and the batch split over `mesh`, with
+    `train_step_compiler_options()` (on XLA:CPU, convolutions by Eigen rather than YNNPACK)."""
     state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
     return jax.jit(train_step, in_shardings=(state_sharding, batch_sharded(mesh)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0,
+                   compiler_options=train_step_compiler_options())
