@@ -142,14 +142,9 @@ def main():
         graphdef, state = nnx.split(make_denoiser(config, model))
         fn = jax.jit(lambda state, x, s: nnx.merge(graphdef, state)(x, s))
         fargs = (state, x, jnp.ones((args.batch,), jnp.float32))
-    else:
-        from kdiff_jax.training.optimizer import make_optimizer
-        from kdiff_jax.training.state import create_train_state
-        from kdiff_jax.training.step import make_train_step
-        tx = make_optimizer(config)
-        train_model, state = create_train_state(model, tx, seed=0)
-        fn = jax.jit(make_train_step(config, train_model, tx))
-        batch = {'image': jnp.tanh(x), 'aug_cond': jnp.zeros((args.batch, 9), jnp.float32)}
+    else:  # the train step as train.py compiles it (sharding, donation, compiler options)
+        fn, state, batch = C.jax_train_step(args.config, str(weights), 'float32',
+                                            C.train_batch(args.config, args.batch))
         fargs = (state, batch)
     compiled = fn.lower(*fargs).compile()
     hlo = compiled.as_text()
@@ -160,14 +155,18 @@ def main():
         if mm:
             part = re.search(r'"outer_dimension_partitions":\[([^\]]*)\]', line)
             shapes[mm.group(1)] = mm.group(2) + (f' parts[{part.group(1)}]' if part and part.group(1) else '')
-    block = lambda out: jax.block_until_ready(out)
-    block(compiled(*fargs))
+    def run():  # the train step donates its state: each run takes the previous run's
+        out = jax.block_until_ready(compiled(*fargs))
+        if args.what == 'train':
+            fargs[0] = out[0]
+    fargs = list(fargs)
+    run()
     walls = []
     trace_dir = tempfile.mkdtemp(prefix='kdiff_trace_')
     with jax.profiler.trace(trace_dir):
         for _ in range(args.runs):
             t0 = time.perf_counter()
-            block(compiled(*fargs))
+            run()
             walls.append(time.perf_counter() - t0)
     path = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)[0]
     data = jax.profiler.ProfileData.from_file(path)
