@@ -220,6 +220,19 @@ def jax_train_step(config_name: str, weights: str, dtype: str, batch: dict):
     return step, state, shard_batch(batch, mesh)
 
 
+def step_runner(compiled, state, batch):
+    """A callable that runs the compiled train step once, blocking, and returns its metrics. The step donates its
+    state, so each call passes the state returned by the previous call."""
+    import jax
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], batch)
+        jax.block_until_ready((holder[0], metrics))
+        return metrics
+    return run
+
+
 def torch_model(config_name: str, weights: str, device: str = 'cpu'):
     """(config, k-diffusion inner model, its Karras denoiser wrapper) with the weights of `weights`, on `device`."""
     import numpy as np

@@ -155,11 +155,11 @@ def main():
         if mm:
             part = re.search(r'"outer_dimension_partitions":\[([^\]]*)\]', line)
             shapes[mm.group(1)] = mm.group(2) + (f' parts[{part.group(1)}]' if part and part.group(1) else '')
-    def run():  # the train step donates its state: each run takes the previous run's
-        out = jax.block_until_ready(compiled(*fargs))
-        if args.what == 'train':
-            fargs[0] = out[0]
-    fargs = list(fargs)
+    if args.what == 'train':
+        run = C.step_runner(compiled, *fargs)
+    else:
+        def run():
+            jax.block_until_ready(compiled(*fargs))
     run()
     walls = []
     trace_dir = tempfile.mkdtemp(prefix='kdiff_trace_')

@@ -56,9 +56,9 @@ def main():
             time.sleep(0.02)
     sampler = threading.Thread(target=sample_rss)
     sampler.start()
+    run = C.step_runner(compiled, state, batch)
     for _ in range(args.steps):
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
+        run()
         after_step.append(rss())
     running[0] = False
     sampler.join()

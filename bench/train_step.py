@@ -50,12 +50,7 @@ def jax_worker(spec):
     # custom calls that XLA's cost analysis does not count. (On the CPU the two counts differ by < 5%.)
     cost = lowered.cost_analysis()
     flops = (cost[0] if isinstance(cost, list) else cost).get('flops', float('nan'))
-    holder = [state]
-
-    def run():
-        holder[0], metrics = compiled(holder[0], batch)
-        jax.block_until_ready((holder[0], metrics))
-        return metrics
+    run = C.step_runner(compiled, state, batch)
     t0 = C.time.perf_counter()
     metrics = run()
     first = C.time.perf_counter() - t0
