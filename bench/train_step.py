@@ -22,16 +22,87 @@ then a bf16 8192² matmul.
 from __future__ import annotations
 
 import argparse
+import glob
+import gzip
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import gpu_trace  # noqa: E402
+
+PROFILED_STEPS = 3  # steps run under the profiler with --profile, after the timed ones
 
 
 def timed_steps(spec, first_s: float) -> int:
     """How many steps to time: as many as fit in --target-s, 2 to 10 (to 50 on a GPU, where steps are short)."""
     return C.repeats_for(first_s, spec['target_s'], hi=50 if spec['gpu'] else 10)
+
+
+def profile_side(spec, side: str, fn):
+    """Run one side's profile; a failure is written to <side>_train_kernels.md instead of losing the timings."""
+    import traceback
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 -- the profile is extra; the timed steps are already measured
+        (Path(spec['profile']) / f'{side}_train_kernels.md').write_text(f'profile failed:\n{traceback.format_exc()}')
+
+
+def gzip_to(src: Path, dst: Path):
+    """Compress `src` into `dst` and delete `src` (traces and HLO text compress ~5x; the device run brings files
+    back up to 16 MiB each)."""
+    with open(src, 'rb') as f, gzip.open(dst, 'wb') as g:
+        shutil.copyfileobj(f, g)
+    src.unlink()
+
+
+def profile_jax(run, compiled, out: Path, step_s: float):
+    """PROFILED_STEPS steps under jax.profiler.trace: the trace (jax_train.xplane.pb.gz), the optimized HLO
+    (jax_train_hlo.txt.gz) and the kernel summary (jax_train_kernels.md)."""
+    import jax
+    with jax.profiler.trace(str(out / 'jax_trace')):
+        for _ in range(PROFILED_STEPS):
+            run()
+    trace = glob.glob(str(out / 'jax_trace/**/*.xplane.pb'), recursive=True)[0]
+    gzip_to(Path(trace), out / 'jax_train.xplane.pb.gz')
+    shutil.rmtree(out / 'jax_trace')
+    with gzip.open(out / 'jax_train_hlo.txt.gz', 'wt') as f:
+        f.write(compiled.as_text())
+    (out / 'jax_train_kernels.md').write_text(
+        gpu_trace.summarize_xplane(str(out / 'jax_train.xplane.pb.gz'), PROFILED_STEPS, step_s * 1e3))
+
+
+def profile_torch(run, out: Path, step_s: float, gpu: bool):
+    """PROFILED_STEPS steps under torch.profiler: the gzipped Chrome trace and the kernel summary (on the CPU, the
+    op table) in torch_train_kernels.md."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        for _ in range(PROFILED_STEPS):
+            run()
+    raw = out / 'torch_train_trace.json'
+    prof.export_chrome_trace(str(raw))
+    gzip_to(raw, out / 'torch_train_trace.json.gz')
+    (out / 'torch_train_kernels.md').write_text(
+        gpu_trace.summarize_chrome_trace(str(out / 'torch_train_trace.json.gz'), PROFILED_STEPS, step_s * 1e3)
+        if gpu else prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=25))
+
+
+def lowered_flops(lowered) -> float:
+    """XLA's FLOP count of a lowered program, or nan where the backend gives none (XLA:GPU does not analyse the
+    unoptimised program; `flops_worker` then counts on the CPU)."""
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get('flops', float('nan')))
+
+
+def flops_worker(spec):
+    """The step's FLOPs, lowered (not compiled) on the CPU in float32. The bf16 step's count differs only by its
+    dtype conversions, which XLA counts as element operations (+0.5% at the demo config; tests/test_bench.py)."""
+    import numpy as np
+    with np.load(spec['batch']) as f:
+        step, state, batch = C.jax_train_step(spec['config'], spec['weights'], 'float32', dict(f))
+    return dict(flops=lowered_flops(step.lower(state, batch)))
 
 
 def jax_worker(spec):
@@ -48,18 +119,20 @@ def jax_worker(spec):
     buffers = compiled.memory_analysis()  # XLA's buffer assignment of the step
     # FLOPs of the program as written, before backend passes: on a GPU the compiled program's convolutions are cuDNN
     # custom calls that XLA's cost analysis does not count. (On the CPU the two counts differ by < 5%.)
-    cost = lowered.cost_analysis()
-    flops = (cost[0] if isinstance(cost, list) else cost).get('flops', float('nan'))
+    flops = lowered_flops(lowered)
     run = C.step_runner(compiled, state, batch)
     t0 = C.time.perf_counter()
     metrics = run()
     first = C.time.perf_counter() - t0
     t, times = C.median_time(run, timed_steps(spec, first))
-    return dict(time=t, times=times, compile_s=compile_s, flops=flops, loss=float(metrics['loss']),
+    result = dict(time=t, times=times, compile_s=compile_s, flops=flops, loss=float(metrics['loss']),
                 ceiling=C.jax_matmul_ceiling(spec['gpu']), peak_after_compile_mb=peak_after_compile,
                 step_buffers_mb=(buffers.argument_size_in_bytes + buffers.output_size_in_bytes
                                  - buffers.alias_size_in_bytes + buffers.temp_size_in_bytes) / 2 ** 20,
                 rss_after_steps_mb=C.memory_status()['VmRSS'], **C.jax_gpu_memory(spec['gpu']))
+    if spec['profile']:  # a few more steps under the profiler, with the optimized HLO they ran
+        profile_side(spec, 'jax', lambda: profile_jax(run, compiled, Path(spec['profile']), t))
+    return result
 
 
 def torch_worker(spec):
@@ -102,8 +175,11 @@ def torch_worker(spec):
     run()
     first = C.time.perf_counter() - t0
     t, times = C.median_time(run, timed_steps(spec, first))
-    return dict(time=t, times=times, loss=state['loss'], ceiling=C.torch_matmul_ceiling(spec['gpu']),
-                threads=torch.get_num_threads(), **C.torch_gpu_memory(spec['gpu']))
+    result = dict(time=t, times=times, loss=state['loss'], ceiling=C.torch_matmul_ceiling(spec['gpu']),
+                  threads=torch.get_num_threads(), **C.torch_gpu_memory(spec['gpu']))
+    if spec['profile']:
+        profile_side(spec, 'torch', lambda: profile_torch(run, Path(spec['profile']), t, spec['gpu']))
+    return result
 
 
 def main():
@@ -112,6 +188,8 @@ def main():
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--target-s', type=float, default=20., help='timed seconds per side (2-10 steps)')
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
+    p.add_argument('--profile', metavar='DIR', help='after timing, profile a few steps of each side into DIR: '
+                   'kernel summaries (*_kernels.md), the raw traces and the optimized HLO (bench/gpu_trace.py)')
     C.add_device_args(p)
     args = p.parse_args()
     import numpy as np
@@ -123,9 +201,12 @@ def main():
     res = {}
     for side in ('jax', 'torch'):
         spec = dict(side=side, config=args.config, weights=str(weights), batch=str(tmp / 'batch.npz'),
-                    target_s=args.target_s, gpu=args.gpu, dtype=dtype)
+                    target_s=args.target_s, gpu=args.gpu, dtype=dtype,
+                    profile=args.profile and str(Path(args.profile).resolve()))
         res[side] = C.run_worker(__file__, spec)
     j, t = res['jax'], res['torch']
+    if j['flops'] != j['flops']:  # nan: count on the CPU
+        j['flops'] = C.run_worker(__file__, {**spec, 'side': 'flops'}, env={'JAX_PLATFORMS': 'cpu'})['flops']
     gf = j['flops'] / 1e9
     ips_j, ips_t = args.batch / j['time'], args.batch / t['time']
     header = ('| config | batch | kdiff_jax img/s | PyTorch img/s | ratio | step s jax / torch | XLA compile s | '
@@ -152,8 +233,13 @@ def main():
         print(f"| {j['device']} / {t['device']} | {mfu_j:.1%} | {mfu_t:.1%} | "
               f"{peak:.0f} | {j['ceiling'] / 1e3:.0f} / {t['ceiling'] / 1e3:.0f} | {j['gpu_peak_mb']:.0f} / "
               f"{t['gpu_peak_mb']:.0f} |")
+    if args.profile:
+        for side in ('jax', 'torch'):
+            kernels = Path(args.profile) / f'{side}_train_kernels.md'
+            print('\n' + (kernels.read_text() if kernels.exists() else f'(no {kernels})'))
+        print(f'\nprofiles, traces and the optimized HLO: {Path(args.profile).resolve()}')
 
 
 if __name__ == '__main__':
-    if not C.worker_main({'jax': jax_worker, 'torch': torch_worker}):
+    if not C.worker_main({'jax': jax_worker, 'torch': torch_worker, 'flops': flops_worker}):
         main()

@@ -3,6 +3,8 @@ checked here: speed is measured on a quiet machine, see bench/RESULTS.md). Both 
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 import subprocess
@@ -39,3 +41,60 @@ def test_gpu_script_pipeline_on_the_cpu(tmp_path):
     # Both sides computed the same samples from the same noise, to bf16 precision (5e-4 seen at 25 steps; the fp32
     # bench agrees to ~6e-7, bench/RESULTS.md): a mismatch of inputs or schedules would show as an O(1) error.
     assert float(row[9]) < 1e-2
+    # --profile: both sides' summaries (no GPU here, so the JAX one says it found no GPU kernels), the raw traces
+    # and the optimized HLO, compressed, in $OUT.
+    assert 'no GPU stream events' in (tmp_path / 'jax_train_kernels.md').read_text()
+    assert 'aten::' in (tmp_path / 'torch_train_kernels.md').read_text()
+    for name in ('jax_train.xplane.pb.gz', 'jax_train_hlo.txt.gz', 'torch_train_trace.json.gz'):
+        assert (tmp_path / name).stat().st_size > 1000, name
+    with gzip.open(tmp_path / 'jax_train_hlo.txt.gz', 'rt') as f:
+        assert 'ENTRY' in f.read()
+
+
+def test_step_flops_counted_on_the_cpu_match_the_bf16_step(tmp_path):
+    """XLA:GPU gives no cost analysis of the lowered step, so train_step.py --gpu counts its FLOPs in a CPU worker
+    in float32: the count must match that of the bf16 step the GPU runs (the same program in another dtype)."""
+    sys.path.insert(0, str(ROOT / 'bench'))
+    import _common as C
+    import numpy as np
+    from train_step import lowered_flops
+    weights = C.write_weights('demo', tmp_path / 'w.npz')
+    np.savez(tmp_path / 'batch.npz', **C.train_batch('demo', 2))
+    spec = dict(side='flops', config='demo', weights=str(weights), batch=str(tmp_path / 'batch.npz'))
+    counted = C.run_worker(str(ROOT / 'bench' / 'train_step.py'), spec, env={'JAX_PLATFORMS': 'cpu', **BUSY_OK})
+    step, state, batch = C.jax_train_step('demo', str(weights), 'bfloat16', C.train_batch('demo', 2))
+    bf16 = lowered_flops(step.lower(state, batch))
+    # Equal but for the bf16 program's dtype conversions, which XLA counts as element operations (0.5% at demo).
+    assert counted['flops'] > 1e8 and abs(counted['flops'] / bf16 - 1) < 0.01
+
+
+def test_gpu_trace_summary():
+    """bench/gpu_trace.py's table: per-step times, families from kernel names, shares of the busy time."""
+    sys.path.insert(0, str(ROOT / 'bench'))
+    from gpu_trace import family, table
+    names = {'sm90_xmma_fprop_implicit_gemm_bf16bf16_nhwc': 'convolution', 'nvjet_sm90_tst_128x128': 'gemm (dot)',
+             'loop_add_fusion_16': 'elementwise/reduction', 'memcpy32_post': 'copy', 'triton_softmax_1': 'triton fusion',
+             'void cudnn::engines_precompiled::nchwToNhwcKernel': 'layout transpose',
+             'input_transpose_fusion_89': 'layout transpose', 'mystery': 'other'}
+    assert {name: family(name) for name in names} == names
+    out = table({'sm90_xmma_fprop_x': 30., 'loop_add_fusion_1': 9., 'memcpy128': 3.},
+                {'sm90_xmma_fprop_x': 6, 'loop_add_fusion_1': 3, 'memcpy128': 3}, steps=3, wall_ms=20., top=2, title='t')
+    assert 'GPU kernel time 14.00 ms per step, wall 20.00 ms per step: GPU busy 70% of the step' in out
+    assert '| convolution | 10.00 | 71% |' in out and '| copy | 1.00 | 7% |' in out
+    assert '`sm90_xmma_fprop_x` | convolution | 2 | 10.00 | 71% |' in out and 'memcpy128`' not in out  # top 2 only
+
+
+def test_pytorch_chrome_trace_kernels(tmp_path):
+    """Kernels, copies and memsets of a PyTorch profiler trace count; CPU ops and GPU annotations (which span
+    kernels, e.g. 'Optimizer.step#AdamW.step') do not."""
+    sys.path.insert(0, str(ROOT / 'bench'))
+    from gpu_trace import chrome_trace_kernels
+    events = [{'cat': 'kernel', 'name': 'k1', 'dur': 1500.}, {'cat': 'kernel', 'name': 'k1', 'dur': 500.},
+              {'cat': 'gpu_memcpy', 'name': 'Memcpy HtoD', 'dur': 100.},
+              {'cat': 'gpu_user_annotation', 'name': 'Optimizer.step#AdamW.step', 'dur': 5000.},
+              {'cat': 'cpu_op', 'name': 'aten::add', 'dur': 70.}]
+    path = tmp_path / 'trace.json.gz'
+    with gzip.open(path, 'wt') as f:
+        json.dump({'traceEvents': events}, f)
+    per_kernel, launches = chrome_trace_kernels(str(path))
+    assert per_kernel == {'k1': 2., 'Memcpy HtoD': .1} and launches == {'k1': 2, 'Memcpy HtoD': 1}
