@@ -108,6 +108,89 @@ def summarize_chrome_trace(path: str, steps: int, wall_ms: float | None = None, 
     return table(per_kernel, launches, steps, wall_ms, top, 'PyTorch kernels')
 
 
+# What an XLA fusion computes, from the ops inside it: the first entry whose ops it all contains names it.
+# The categories of `fusion_traffic`.
+FUSION_KINDS = (
+    ('matmul fusion', {'dot'}),
+    ('dropout random bits', {'xor', 'shift-right-logical'}),
+    ('optimizer update (AdamW)', {'sqrt', 'divide'}),
+    ('GELU, fwd or bwd (with what XLA fused to it)', {'erf'}),
+    ('softmax (attention)', {'exponential'}),
+    ('reduction (normalisation statistics, bias and scale gradients)', {'reduce'}),
+    ('padding / concatenation', {'pad'}),
+    ('padding / concatenation', {'concatenate'}),
+)
+DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'pred': 1, 's8': 1, 'u8': 1, 's64': 8, 'u64': 8}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape such as 'bf16[64,64,64,128]{3,2,1,0}' or a tuple of them."""
+    total = 0
+    for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', shape):
+        n = 1
+        for d in filter(None, dims.split(',')):
+            n *= int(d)
+        total += n * DTYPE_BYTES.get(dtype, 0)
+    return total
+
+
+def hlo_fusions(hlo_text: str) -> dict[str, tuple[str, int]]:
+    """{kernel name: (kind, bytes)} for each fusion instruction of an optimized HLO module: its kind from the ops of
+    the computation it calls (FUSION_KINDS), and the bytes it must move at least (operands read once, outputs
+    written once). XLA:GPU names a fusion's kernel after the instruction, with '.' and '-' as '_'."""
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line.strip())
+        if head and ('->' in line or line.startswith('ENTRY')):
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None:
+            current.append(line)
+    instr = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$')
+    shapes, fusions = {}, {}
+    for lines in computations.values():
+        for line in lines:
+            m = instr.match(line)
+            if m:
+                shapes[m.group(1)] = m.group(2)
+                if m.group(3) == 'fusion':
+                    fusions[m.group(1)] = (m.group(2), m.group(4))
+    out = {}
+    for name, (shape, rest) in fusions.items():
+        calls = re.search(r'calls=%?([\w.\-]+)', rest)
+        ops = {m.group(3) for line in computations.get(calls.group(1) if calls else '', [])
+               if (m := instr.match(line))}
+        kind = next((k for k, needs in FUSION_KINDS if needs <= ops), 'other elementwise')
+        operands = re.findall(r'%([\w.\-]+)', rest.split(')', 1)[0])
+        nbytes = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, '')) for o in operands)
+        out[re.sub(r'[.\-]', '_', name)] = (kind, nbytes)
+    return out
+
+
+def fusion_traffic(per_kernel: dict[str, float], launches: dict[str, int], hlo_text: str, steps: int,
+                   bandwidth_gbs: float = 3000.) -> str:
+    """XLA's fusion kernels by what they compute: ms and GB per step, achieved GB/s, and the time the same bytes
+    would take at `bandwidth_gbs` (the floor of this fusion plan). Library kernels (cuDNN, cuBLAS) and copies are
+    listed as such."""
+    fusions = hlo_fusions(hlo_text)
+    ms, gb = collections.Counter(), collections.Counter()
+    for name, t in per_kernel.items():
+        kind, nbytes = fusions.get(name, (f'library kernel: {family(name)}', 0))
+        ms[kind] += t / steps
+        gb[kind] += nbytes * launches[name] / steps / 1e9  # a deduplicated kernel runs once per fusion using it
+    lines = ['| kernels | ms/step | GB/step (at least) | GB/s | ms at ' f'{bandwidth_gbs:.0f} GB/s |',
+             '|---|---|---|---|---|']
+    for kind, t in ms.most_common():
+        rate = f'{gb[kind] / t * 1e3:.0f}' if gb[kind] else ''
+        floor = f'{gb[kind] / bandwidth_gbs * 1e3:.2f}' if gb[kind] else ''
+        lines.append(f"| {kind} | {t:.2f} | {f'{gb[kind]:.2f}' if gb[kind] else ''} | {rate} | {floor} |")
+    fused_ms = sum(t for k, t in ms.items() if gb[k])
+    total_gb = sum(gb.values())
+    lines.append(f'\nXLA fusions: {fused_ms:.2f} ms per step moving at least {total_gb:.1f} GB '
+                 f'({total_gb / fused_ms * 1e3:.0f} GB/s); at {bandwidth_gbs:.0f} GB/s the same bytes take '
+                 f'{total_gb / bandwidth_gbs * 1e3:.2f} ms')
+    return '\n'.join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('trace', help='a .xplane.pb file written by jax.profiler.trace, or a PyTorch profiler Chrome '
@@ -115,11 +198,19 @@ def main():
     p.add_argument('--steps', type=int, required=True, help='how many steps the trace holds')
     p.add_argument('--wall-ms', type=float, help='wall time of one step, for the busy share')
     p.add_argument('--top', type=int, default=25)
+    p.add_argument('--hlo', help="the step's optimized HLO text (jax_train_hlo.txt[.gz]): adds what XLA's fusion "
+                   'kernels compute and the bytes they move')
+    p.add_argument('--bandwidth', type=float, default=3000., help='GB/s for the floor of the fusions (default: '
+                   "the H100's measured copy rate)")
     args = p.parse_args()
     if '.json' in args.trace:
         print(summarize_chrome_trace(args.trace, args.steps, args.wall_ms, args.top))
-    else:
-        print(summarize_xplane(args.trace, args.steps, args.wall_ms, args.top))
+        return
+    print(summarize_xplane(args.trace, args.steps, args.wall_ms, args.top))
+    if args.hlo:
+        per_kernel, launches, _ = xplane_kernels(args.trace)
+        with (gzip.open if args.hlo.endswith('.gz') else open)(args.hlo, 'rt') as f:
+            print('\n' + fusion_traffic(per_kernel, launches, f.read(), args.steps, args.bandwidth))
 
 
 if __name__ == '__main__':

@@ -59,7 +59,7 @@ def gzip_to(src: Path, dst: Path):
 
 def profile_jax(run, compiled, out: Path, step_s: float):
     """PROFILED_STEPS steps under jax.profiler.trace: the trace (jax_train.xplane.pb.gz), the optimized HLO
-    (jax_train_hlo.txt.gz) and the kernel summary (jax_train_kernels.md)."""
+    (jax_train_hlo.txt.gz) and the kernel summary with the fusions' traffic (jax_train_kernels.md)."""
     import jax
     with jax.profiler.trace(str(out / 'jax_trace')):
         for _ in range(PROFILED_STEPS):
@@ -67,10 +67,15 @@ def profile_jax(run, compiled, out: Path, step_s: float):
     trace = glob.glob(str(out / 'jax_trace/**/*.xplane.pb'), recursive=True)[0]
     gzip_to(Path(trace), out / 'jax_train.xplane.pb.gz')
     shutil.rmtree(out / 'jax_trace')
+    hlo = compiled.as_text()
     with gzip.open(out / 'jax_train_hlo.txt.gz', 'wt') as f:
-        f.write(compiled.as_text())
-    (out / 'jax_train_kernels.md').write_text(
-        gpu_trace.summarize_xplane(str(out / 'jax_train.xplane.pb.gz'), PROFILED_STEPS, step_s * 1e3))
+        f.write(hlo)
+    trace = str(out / 'jax_train.xplane.pb.gz')
+    summary = gpu_trace.summarize_xplane(trace, PROFILED_STEPS, step_s * 1e3)
+    per_kernel, launches, _ = gpu_trace.xplane_kernels(trace)
+    if per_kernel:  # on a GPU: what XLA's fusions compute and the bytes they move
+        summary += '\n\n' + gpu_trace.fusion_traffic(per_kernel, launches, hlo, PROFILED_STEPS)
+    (out / 'jax_train_kernels.md').write_text(summary)
 
 
 def profile_torch(run, out: Path, step_s: float, gpu: bool):

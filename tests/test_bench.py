@@ -98,3 +98,25 @@ def test_pytorch_chrome_trace_kernels(tmp_path):
         json.dump({'traceEvents': events}, f)
     per_kernel, launches = chrome_trace_kernels(str(path))
     assert per_kernel == {'k1': 2., 'Memcpy HtoD': .1} and launches == {'k1': 2, 'Memcpy HtoD': 1}
+
+
+def test_hlo_fusion_kinds_and_bytes():
+    """bench/gpu_trace.py reads an optimized HLO module (here XLA:CPU's): each fusion's kind from the ops it fuses,
+    the bytes it moves at least (operands and outputs once), and its kernel name ('.' and '-' as '_')."""
+    import jax
+    import jax.numpy as jnp
+    sys.path.insert(0, str(ROOT / 'bench'))
+    from gpu_trace import fusion_traffic, hlo_fusions
+    f = jax.jit(lambda x, y: (jnp.sum(jnp.exp(x) * y, axis=0), jnp.sqrt(x) / y))
+    hlo = f.lower(jnp.ones((64, 32)), jnp.ones((64, 32))).compile().as_text()
+    fusions = hlo_fusions(hlo)
+    by_kind = {kind: nbytes for kind, nbytes in fusions.values()}
+    assert by_kind['optimizer update (AdamW)'] == 3 * 64 * 32 * 4  # sqrt(x) / y: two f32[64,32] in, one out
+    assert by_kind['softmax (attention)'] == 3 * 64 * 32 * 4  # exp(x) * y
+    reduction = next(name for name, (kind, _) in fusions.items() if kind.startswith('reduction'))
+    assert '.' not in reduction and '-' not in reduction
+    # The AdamW-like kernel: 2 launches per step of 24576 B in 0.0002 ms per step: 245.76 GB/s.
+    name = next(name for name, (kind, _) in fusions.items() if kind.startswith('optimizer'))
+    out = fusion_traffic({name: 0.0004, 'sm90_xmma_fprop_x': 1.}, {name: 4, 'sm90_xmma_fprop_x': 2}, hlo, steps=2)
+    assert '| optimizer update (AdamW) | 0.00 | 0.00 | 246 | 0.00 |' in out, out
+    assert '| library kernel: convolution | 0.50 |  |  |  |' in out
