@@ -135,7 +135,8 @@ def worker_main(handlers: dict) -> bool:
     rss_after_imports = memory_status()['VmRSS']
     result = handlers[spec['side']](spec)
     mem = memory_status()
-    result.update(peak_rss_mb=mem['VmHWM'], rss_after_imports_mb=rss_after_imports)
+    result.setdefault('peak_rss_mb', mem['VmHWM'])  # a handler that profiles after measuring sets its own
+    result.update(rss_after_imports_mb=rss_after_imports)
     print('RESULT ' + json.dumps(result), flush=True)
     return True
 
@@ -221,16 +222,29 @@ def jax_train_step(config_name: str, weights: str, dtype: str, batch: dict):
 
 
 def step_runner(compiled, state, batch):
-    """A callable that runs the compiled train step once, blocking, and returns its metrics. The step donates its
-    state, so each call passes the state returned by the previous call."""
+    """A callable that runs the compiled train step once and returns its metrics, by default after waiting for the
+    step (`run(block=False)` only dispatches it). The step donates its state, so each call passes the state returned
+    by the previous call."""
     import jax
     holder = [state]
 
-    def run():
+    def run(block: bool = True):
         holder[0], metrics = compiled(holder[0], batch)
-        jax.block_until_ready((holder[0], metrics))
+        if block:
+            jax.block_until_ready((holder[0], metrics))
         return metrics
     return run
+
+
+def pipelined_time(dispatch, wait, steps: int) -> float:
+    """Seconds per step when `steps` steps are dispatched back to back and waited for once at the end, as a
+    training loop that reads its metrics only now and then runs (the host prepares the next step while the device
+    computes). `dispatch()` starts one step and returns something `wait` blocks on."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        last = dispatch()
+    wait(last)
+    return (time.perf_counter() - start) / steps
 
 
 def torch_model(config_name: str, weights: str, device: str = 'cpu'):

@@ -10,8 +10,11 @@ backward, AdamW (the config's hyperparameters), LR schedule step and EMA update.
 `denoiser.loss(...).mean().backward()`, `opt.step()`, `sched.step()`, `opt.zero_grad()` and `K.utils.ema_update`.
 Each side runs in its own worker process (bench/_common.py); images/s from the median step time after one warm-up
 step (as many steps as fit in --target-s, 2 to 10). The FLOPs of one step are XLA's cost analysis of the lowered
-(not yet optimised) kdiff_jax step, counted once and used for both sides; the fp32 matmul ceiling is each
-framework's 2048² matmul.
+(not yet optimised) kdiff_jax step, counted once and used for both sides (with --gpu the step is lowered on the CPU
+for this: XLA:GPU gives no count before optimisation); the fp32 matmul ceiling is each framework's 2048² matmul.
+
+--profile DIR runs a few more steps of each side under its profiler and writes kernel summaries, the traces and the
+optimized HLO there (bench/gpu_trace.py reads them again).
 
 With --gpu both sides run on the GPU: kdiff_jax with the model's compute dtype bf16 (parameters, normalisation
 statistics and the loss stay fp32), PyTorch under a bf16 autocast with TF32 allowed, as k-diffusion's train.py
@@ -40,9 +43,11 @@ def timed_steps(spec, first_s: float) -> int:
     return C.repeats_for(first_s, spec['target_s'], hi=50 if spec['gpu'] else 10)
 
 
-def profile_side(spec, side: str, fn):
-    """Run one side's profile; a failure is written to <side>_train_kernels.md instead of losing the timings."""
+def profile_side(spec, side: str, result: dict, fn):
+    """Run one side's profile after its measurements: the peak RSS reported is the one before it, and a failure is
+    written to <side>_train_kernels.md instead of losing the timings."""
     import traceback
+    result['peak_rss_mb'] = C.memory_status()['VmHWM']
     try:
         fn()
     except Exception:  # noqa: BLE001 -- the profile is extra; the timed steps are already measured
@@ -130,13 +135,15 @@ def jax_worker(spec):
     metrics = run()
     first = C.time.perf_counter() - t0
     t, times = C.median_time(run, timed_steps(spec, first))
-    result = dict(time=t, times=times, compile_s=compile_s, flops=flops, loss=float(metrics['loss']),
-                ceiling=C.jax_matmul_ceiling(spec['gpu']), peak_after_compile_mb=peak_after_compile,
-                step_buffers_mb=(buffers.argument_size_in_bytes + buffers.output_size_in_bytes
-                                 - buffers.alias_size_in_bytes + buffers.temp_size_in_bytes) / 2 ** 20,
-                rss_after_steps_mb=C.memory_status()['VmRSS'], **C.jax_gpu_memory(spec['gpu']))
+    pipelined = C.pipelined_time(lambda: run(block=False), jax.block_until_ready, len(times))
+    result = dict(time=t, times=times, pipelined=pipelined, compile_s=compile_s, flops=flops,
+                  loss=float(metrics['loss']), ceiling=C.jax_matmul_ceiling(spec['gpu']),
+                  peak_after_compile_mb=peak_after_compile,
+                  step_buffers_mb=(buffers.argument_size_in_bytes + buffers.output_size_in_bytes
+                                   - buffers.alias_size_in_bytes + buffers.temp_size_in_bytes) / 2 ** 20,
+                  rss_after_steps_mb=C.memory_status()['VmRSS'], **C.jax_gpu_memory(spec['gpu']))
     if spec['profile']:  # a few more steps under the profiler, with the optimized HLO they ran
-        profile_side(spec, 'jax', lambda: profile_jax(run, compiled, Path(spec['profile']), t))
+        profile_side(spec, 'jax', result, lambda: profile_jax(run, compiled, Path(spec['profile']), t))
     return result
 
 
@@ -162,7 +169,7 @@ def torch_worker(spec):
     state = {}
     precision = C.torch_precision(spec)
 
-    def run():  # k-diffusion 0.0.15 train.py, one micro-step without gradient accumulation
+    def run(sync: bool = True):  # k-diffusion 0.0.15 train.py, one micro-step without gradient accumulation
         noise = torch.randn_like(reals)
         sigma = sample_density([reals.shape[0]], device=device)
         with precision:
@@ -174,16 +181,19 @@ def torch_worker(spec):
         opt.zero_grad()
         K.utils.ema_update(inner, ema, ema_sched.get_value())
         ema_sched.step()
-        state['loss'] = loss.item()
-        C.torch_sync(spec['gpu'])
+        if sync:  # k-diffusion's train.py calls .item() on every step's loss (a sync)
+            state['loss'] = loss.item()
+            C.torch_sync(spec['gpu'])
     t0 = C.time.perf_counter()
     run()
     first = C.time.perf_counter() - t0
     t, times = C.median_time(run, timed_steps(spec, first))
-    result = dict(time=t, times=times, loss=state['loss'], ceiling=C.torch_matmul_ceiling(spec['gpu']),
-                  threads=torch.get_num_threads(), **C.torch_gpu_memory(spec['gpu']))
+    pipelined = C.pipelined_time(lambda: run(sync=False), lambda _: C.torch_sync(spec['gpu']), len(times))
+    result = dict(time=t, times=times, pipelined=pipelined, loss=state['loss'],
+                  ceiling=C.torch_matmul_ceiling(spec['gpu']), threads=torch.get_num_threads(),
+                  **C.torch_gpu_memory(spec['gpu']))
     if spec['profile']:
-        profile_side(spec, 'torch', lambda: profile_torch(run, Path(spec['profile']), t, spec['gpu']))
+        profile_side(spec, 'torch', result, lambda: profile_torch(run, Path(spec['profile']), t, spec['gpu']))
     return result
 
 
@@ -203,15 +213,15 @@ def main():
                   f'{C.device_label(args)}', args.max_load)
     weights = C.write_weights(args.config, tmp / 'w.npz')
     np.savez(tmp / 'batch.npz', **C.train_batch(args.config, args.batch))
+    common = dict(config=args.config, weights=str(weights), batch=str(tmp / 'batch.npz'))
     res = {}
     for side in ('jax', 'torch'):
-        spec = dict(side=side, config=args.config, weights=str(weights), batch=str(tmp / 'batch.npz'),
-                    target_s=args.target_s, gpu=args.gpu, dtype=dtype,
-                    profile=args.profile and str(Path(args.profile).resolve()))
-        res[side] = C.run_worker(__file__, spec)
+        res[side] = C.run_worker(__file__, dict(side=side, target_s=args.target_s, gpu=args.gpu, dtype=dtype,
+                                                profile=args.profile and str(Path(args.profile).resolve()),
+                                                **common))
     j, t = res['jax'], res['torch']
-    if j['flops'] != j['flops']:  # nan: count on the CPU
-        j['flops'] = C.run_worker(__file__, {**spec, 'side': 'flops'}, env={'JAX_PLATFORMS': 'cpu'})['flops']
+    if j['flops'] != j['flops']:  # nan: the backend (XLA:GPU) gave no count; count on the CPU
+        j['flops'] = C.run_worker(__file__, dict(side='flops', **common), env={'JAX_PLATFORMS': 'cpu'})['flops']
     gf = j['flops'] / 1e9
     ips_j, ips_t = args.batch / j['time'], args.batch / t['time']
     header = ('| config | batch | kdiff_jax img/s | PyTorch img/s | ratio | step s jax / torch | XLA compile s | '
@@ -226,16 +236,21 @@ def main():
           f"torch {t['loss']:.4f} (different noise draws); {'bf16' if args.gpu else 'fp32'} matmul ceiling XLA "
           f"{j['ceiling']:.0f}, PyTorch "
           f"{t['ceiling']:.0f} GFLOP/s; 1-min load at end: {C.loadavg():.2f}")
+    pj, pt = args.batch / j['pipelined'], args.batch / t['pipelined']
+    print(f"pipelined, i.e. {len(j['times'])} / {len(t['times'])} steps dispatched back to back and waited for once "
+          f"(kdiff_jax's train.py runs so; k-diffusion's train.py syncs on every step's loss): kdiff_jax {pj:.2f}, "
+          f"PyTorch {pt:.2f} img/s; kdiff_jax pipelined against PyTorch synced every step: {pj / ips_t:.2f}x")
     print(f"kdiff_jax memory: peak RSS {j['peak_after_compile_mb']:.0f} MiB already at the end of compilation (no step "
           f"run yet); the compiled step's buffers (XLA buffer assignment: state in/out less donated, temporaries) "
           f"{j['step_buffers_mb']:.0f} MiB; resident after the timed steps {j['rss_after_steps_mb']:.0f} MiB")
     if args.gpu:
         peak = C.bf16_peak_tflops(j['device'])
-        header = ('| GPU | kdiff_jax MFU | PyTorch MFU | dense bf16 peak TFLOP/s (data sheet) | '
-                  'bf16 matmul TFLOP/s jax / torch | GPU peak MiB jax / torch |')
+        header = ('| GPU | kdiff_jax MFU | PyTorch MFU | MFU pipelined jax / torch | dense bf16 peak TFLOP/s '
+                  '(data sheet) | bf16 matmul TFLOP/s jax / torch | GPU peak MiB jax / torch |')
         print('\n' + header + '\n|' + '---|' * (header.count('|') - 1))
         mfu_j, mfu_t = gf / j['time'] / 1e3 / peak, gf / t['time'] / 1e3 / peak
-        print(f"| {j['device']} / {t['device']} | {mfu_j:.1%} | {mfu_t:.1%} | "
+        mfu_pj, mfu_pt = gf / j['pipelined'] / 1e3 / peak, gf / t['pipelined'] / 1e3 / peak
+        print(f"| {j['device']} / {t['device']} | {mfu_j:.1%} | {mfu_t:.1%} | {mfu_pj:.1%} / {mfu_pt:.1%} | "
               f"{peak:.0f} | {j['ceiling'] / 1e3:.0f} / {t['ceiling'] / 1e3:.0f} | {j['gpu_peak_mb']:.0f} / "
               f"{t['gpu_peak_mb']:.0f} |")
     if args.profile:

@@ -35,6 +35,7 @@ def test_gpu_script_pipeline_on_the_cpu(tmp_path):
     row = table_row(train, 'demo')
     assert row[1] == '2' and float(row[2]) > 0 and float(row[3]) > 0  # images/s on each side
     assert re.search(r'first-step loss jax \d+\.\d+, torch \d+\.\d+', train)
+    assert re.search(r'pipelined, .*: kdiff_jax \d+\.\d+, PyTorch \d+\.\d+ img/s', train)
     sampling = (tmp_path / 'sampling.md').read_text()
     row = table_row(sampling, 'heun')
     assert row[1:3] == ['4', '7']  # steps, model evaluations
@@ -53,15 +54,15 @@ def test_gpu_script_pipeline_on_the_cpu(tmp_path):
 
 def test_step_flops_counted_on_the_cpu_match_the_bf16_step(tmp_path):
     """XLA:GPU gives no cost analysis of the lowered step, so train_step.py --gpu counts its FLOPs in a CPU worker
-    in float32: the count must match that of the bf16 step the GPU runs (the same program in another dtype)."""
+    (`flops_worker`, run here in-process) in float32: the count must match that of the bf16 step the GPU runs (the
+    same program in another dtype)."""
     sys.path.insert(0, str(ROOT / 'bench'))
     import _common as C
     import numpy as np
-    from train_step import lowered_flops
+    from train_step import flops_worker, lowered_flops
     weights = C.write_weights('demo', tmp_path / 'w.npz')
     np.savez(tmp_path / 'batch.npz', **C.train_batch('demo', 2))
-    spec = dict(side='flops', config='demo', weights=str(weights), batch=str(tmp_path / 'batch.npz'))
-    counted = C.run_worker(str(ROOT / 'bench' / 'train_step.py'), spec, env={'JAX_PLATFORMS': 'cpu', **BUSY_OK})
+    counted = flops_worker(dict(config='demo', weights=str(weights), batch=str(tmp_path / 'batch.npz')))
     step, state, batch = C.jax_train_step('demo', str(weights), 'bfloat16', C.train_batch('demo', 2))
     bf16 = lowered_flops(step.lower(state, batch))
     # Equal but for the bf16 program's dtype conversions, which XLA counts as element operations (0.5% at demo).
@@ -73,12 +74,14 @@ def test_gpu_trace_summary():
     sys.path.insert(0, str(ROOT / 'bench'))
     from gpu_trace import family, table
     names = {'sm90_xmma_fprop_implicit_gemm_bf16bf16_nhwc': 'convolution', 'nvjet_sm90_tst_128x128': 'gemm (dot)',
-             'loop_add_fusion_16': 'elementwise/reduction', 'memcpy32_post': 'copy', 'triton_softmax_1': 'triton fusion',
+             'loop_add_fusion_16': 'elementwise/reduction', 'memcpy32_post': 'copy',
+             'triton_softmax_1': 'triton fusion',
              'void cudnn::engines_precompiled::nchwToNhwcKernel': 'layout transpose',
              'input_transpose_fusion_89': 'layout transpose', 'mystery': 'other'}
     assert {name: family(name) for name in names} == names
     out = table({'sm90_xmma_fprop_x': 30., 'loop_add_fusion_1': 9., 'memcpy128': 3.},
-                {'sm90_xmma_fprop_x': 6, 'loop_add_fusion_1': 3, 'memcpy128': 3}, steps=3, wall_ms=20., top=2, title='t')
+                {'sm90_xmma_fprop_x': 6, 'loop_add_fusion_1': 3, 'memcpy128': 3}, steps=3, wall_ms=20., top=2,
+                title='t')
     assert 'GPU kernel time 14.00 ms per step, wall 20.00 ms per step: GPU busy 70% of the step' in out
     assert '| convolution | 10.00 | 71% |' in out and '| copy | 1.00 | 7% |' in out
     assert '`sm90_xmma_fprop_x` | convolution | 2 | 10.00 | 71% |' in out and 'memcpy128`' not in out  # top 2 only
