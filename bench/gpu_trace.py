@@ -57,12 +57,16 @@ def table(per_kernel: dict[str, float], launches: dict[str, int], steps: int, wa
     return '\n'.join(lines)
 
 
+def open_maybe_gzipped(path: str, mode: str):
+    """`path` opened for reading, through gzip when it ends in .gz."""
+    return gzip.open(path, mode) if path.endswith('.gz') else open(path, mode)
+
+
 def xplane_kernels(path: str) -> tuple[dict[str, float], dict[str, int], list[str]]:
     """{kernel name: total ms} and {kernel name: launches} over the stream lines of the trace's GPU planes, and the
     line names seen."""
     from jax.profiler import ProfileData
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
+    with open_maybe_gzipped(path, 'rb') as f:
         data = ProfileData.from_serialized_xspace(f.read())
     per_kernel, launches = collections.Counter(), collections.Counter()
     seen = []
@@ -90,8 +94,7 @@ def chrome_trace_kernels(path: str) -> tuple[dict[str, float], dict[str, int]]:
     """{kernel name: total ms} and launches from a PyTorch profiler Chrome trace (.json or .json.gz): its 'kernel',
     'gpu_memcpy' and 'gpu_memset' events ('dur' in µs)."""
     import json
-    opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rt') as f:
+    with open_maybe_gzipped(path, 'rt') as f:
         trace = json.load(f)
     per_kernel, launches = collections.Counter(), collections.Counter()
     for ev in trace['traceEvents'] if isinstance(trace, dict) else trace:
@@ -209,7 +212,7 @@ def main():
     print(summarize_xplane(args.trace, args.steps, args.wall_ms, args.top))
     if args.hlo:
         per_kernel, launches, _ = xplane_kernels(args.trace)
-        with (gzip.open if args.hlo.endswith('.gz') else open)(args.hlo, 'rt') as f:
+        with open_maybe_gzipped(args.hlo, 'rt') as f:
             print('\n' + fusion_traffic(per_kernel, launches, f.read(), args.steps, args.bandwidth))
 
 
