@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -351,6 +352,20 @@ def torch_precision(spec: dict):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.autocast('cuda' if spec['gpu'] else 'cpu', dtype=torch.bfloat16, enabled=spec['dtype'] == 'bfloat16')
+
+
+# ---------------------------------------------------------------------------------------------------- HLO text
+
+def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
+    """The computations of an HLO module's text (`compiled.as_text()`): name → its instruction lines."""
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line.strip())
+        if head and ('->' in line or line.startswith('ENTRY')):
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None:
+            current.append(line)
+    return computations
 
 
 # ---------------------------------------------------------------------------------------------------- reporting

@@ -18,6 +18,11 @@ import argparse
 import collections
 import gzip
 import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
 # (family, pattern on the lower-cased kernel name); the first match wins.
 FAMILIES = (
@@ -141,13 +146,7 @@ def hlo_fusions(hlo_text: str) -> dict[str, tuple[str, int]]:
     """{kernel name: (kind, bytes)} for each fusion instruction of an optimized HLO module: its kind from the ops of
     the computation it calls (FUSION_KINDS), and the bytes it must move at least (operands read once, outputs
     written once). XLA:GPU names a fusion's kernel after the instruction, with '.' and '-' as '_'."""
-    computations, current = {}, None
-    for line in hlo_text.splitlines():
-        head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line.strip())
-        if head and ('->' in line or line.startswith('ENTRY')):
-            current = computations.setdefault(head.group(1), [])
-        elif current is not None:
-            current.append(line)
+    computations = C.hlo_computations(hlo_text)
     instr = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$')
     shapes, fusions = {}, {}
     for lines in computations.values():

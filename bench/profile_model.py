@@ -31,16 +31,7 @@ CONV_FLOPS = {}
 def classify(hlo_text: str) -> dict[str, str]:
     """instruction name → a short kind (for a fusion: its kind plus the main op inside)."""
     kinds = {}
-    computations = {}
-    current = None
-    for line in hlo_text.splitlines():
-        m = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line.strip())
-        if m and ('->' in line or line.startswith('ENTRY')):
-            current = m.group(1)
-            computations[current] = []
-            continue
-        if current is not None:
-            computations[current].append(line)
+    computations = C.hlo_computations(hlo_text)
     for lines in computations.values():
         for line in lines:
             m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? (\w[\w\-]*)\(', line)
