@@ -13,6 +13,11 @@ step (as many steps as fit in --target-s, 2 to 10). The FLOPs of one step are XL
 (not yet optimised) kdiff_jax step, counted once and used for both sides (with --gpu the step is lowered on the CPU
 for this: XLA:GPU gives no count before optimisation); the fp32 matmul ceiling is each framework's 2048² matmul.
 
+The "pipelined" line times the same number of steps dispatched back to back with one wait at the end, as
+kdiff_jax's train.py runs them (it reads metrics every 25 steps); on a GPU this hides the host's work between
+steps. On XLA:CPU it can be slower than stepping synchronously (demo config, batch 8: 48.5 against 35.3 ms per
+step), since queued work competes with the running step for the same cores.
+
 --profile DIR runs a few more steps of each side under its profiler and writes kernel summaries, the traces and the
 optimized HLO there (bench/gpu_trace.py reads them again).
 
