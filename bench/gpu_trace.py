@@ -88,11 +88,16 @@ def xplane_kernels(path: str) -> tuple[dict[str, float], dict[str, int], list[st
     return per_kernel, launches, seen
 
 
-def summarize_xplane(path: str, steps: int, wall_ms: float | None = None, top: int = 25) -> str:
+def summarize_xplane(path: str, steps: int, wall_ms: float | None = None, top: int = 25,
+                     hlo_text: str | None = None, bandwidth_gbs: float = 3000.) -> str:
+    """The kernel table of a JAX trace; with the step's optimized HLO, also its fusions' traffic (`fusion_traffic`)."""
     per_kernel, launches, seen = xplane_kernels(path)
     if not per_kernel:
         return f'no GPU stream events in {path}; GPU lines seen: {seen}'
-    return table(per_kernel, launches, steps, wall_ms, top, 'kdiff_jax (XLA) kernels')
+    summary = table(per_kernel, launches, steps, wall_ms, top, 'kdiff_jax (XLA) kernels')
+    if hlo_text is not None:
+        summary += '\n\n' + fusion_traffic(per_kernel, launches, hlo_text, steps, bandwidth_gbs)
+    return summary
 
 
 def chrome_trace_kernels(path: str) -> tuple[dict[str, float], dict[str, int]]:
@@ -208,11 +213,11 @@ def main():
     if '.json' in args.trace:
         print(summarize_chrome_trace(args.trace, args.steps, args.wall_ms, args.top))
         return
-    print(summarize_xplane(args.trace, args.steps, args.wall_ms, args.top))
+    hlo_text = None
     if args.hlo:
-        per_kernel, launches, _ = xplane_kernels(args.trace)
         with open_maybe_gzipped(args.hlo, 'rt') as f:
-            print('\n' + fusion_traffic(per_kernel, launches, f.read(), args.steps, args.bandwidth))
+            hlo_text = f.read()
+    print(summarize_xplane(args.trace, args.steps, args.wall_ms, args.top, hlo_text, args.bandwidth))
 
 
 if __name__ == '__main__':

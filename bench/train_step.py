@@ -80,12 +80,8 @@ def profile_jax(run, compiled, out: Path, step_s: float):
     hlo = compiled.as_text()
     with gzip.open(out / 'jax_train_hlo.txt.gz', 'wt') as f:
         f.write(hlo)
-    trace = str(out / 'jax_train.xplane.pb.gz')
-    summary = gpu_trace.summarize_xplane(trace, PROFILED_STEPS, step_s * 1e3)
-    per_kernel, launches, _ = gpu_trace.xplane_kernels(trace)
-    if per_kernel:  # on a GPU: what XLA's fusions compute and the bytes they move
-        summary += '\n\n' + gpu_trace.fusion_traffic(per_kernel, launches, hlo, PROFILED_STEPS)
-    (out / 'jax_train_kernels.md').write_text(summary)
+    (out / 'jax_train_kernels.md').write_text(
+        gpu_trace.summarize_xplane(str(out / 'jax_train.xplane.pb.gz'), PROFILED_STEPS, step_s * 1e3, hlo_text=hlo))
 
 
 def profile_torch(run, out: Path, step_s: float, gpu: bool):
