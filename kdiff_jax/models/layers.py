@@ -11,6 +11,7 @@ statistics, the AdaGN modulation, softmax and the noise embedding always run in 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -88,16 +89,74 @@ def dropout2d(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
     return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
 
 
+def _channel_stats(x, num_groups: int, eps: float):
+    """x in float32, and each channel's group mean and 1/√(var + eps), both [N, C] (biased variance, two passes).
+
+    Reduced over H and W per channel first, then over each group's channels, so every full-size pass keeps the
+    channels innermost: a [N, H·W, G, C/G] view puts C/G (often 4) innermost, which XLA:CPU vectorises poorly (the
+    fused GroupNorm, modulation and GELU took ~3× longer forward and backward, bench/RESULTS.md session 6).
+    """
+    n, _, _, c = x.shape
+    xf = x.astype(jnp.float32)
+    per_group = lambda v: jnp.repeat(v.reshape(n, num_groups, c // num_groups).mean(-1), c // num_groups, axis=1)
+    mean = per_group(xf.mean(axis=(1, 2)))
+    var = per_group(jnp.square(xf - mean[:, None, None]).mean(axis=(1, 2)))
+    return xf, mean, jax.lax.rsqrt(var + eps)
+
+
 def group_norm(x, num_groups: int, eps: float):
     """Group norm without affine, biased variance, statistics in float32 (`torch.nn.functional.group_norm`).
 
     Groups are contiguous channel ranges, as in PyTorch's NCHW layout.
     """
+    xf, mean, rstd = _channel_stats(x, num_groups, eps)
+    return (xf - mean[:, None, None]) * rstd[:, None, None]
+
+
+def _bcast(v):
+    return v[:, None, None, :]
+
+
+def _modulated_group_norm_fwd(x, scale, shift, num_groups: int, eps: float):
+    xf, mean, rstd = _channel_stats(x, num_groups, eps)
+    z = (xf - _bcast(mean)) * _bcast(rstd) * _bcast(1 + scale) + _bcast(shift)
+    return z.astype(x.dtype), (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def modulated_group_norm(x, scale, shift, num_groups: int, eps: float):
+    """z = GN(x)·(1 + scale) + shift, AdaGN's output: x [N, H, W, C], scale and shift float32 [N, C]; computed in
+    float32, returned in x's dtype.
+
+    Its gradient is written by hand, because autodiff of the two-pass statistics materialises x − μ, x̂ and several
+    products, one full-size pass each. With x̂ = (x − μ)·r recomputed from x and the saved μ and r, per image and
+    channel:
+      ∂shift = Σ_hw ∂z,   ∂scale = Σ_hw ∂z·x̂,   ∂x = r·(∂z·(1 + scale) − m₁ − x̂·m₂),
+    where m₁ and m₂ are the means of ∂z·(1 + scale) and ∂z·(1 + scale)·x̂ over each group's H·W·C/G elements; both
+    follow from ∂shift and ∂scale per channel, so the backward is one reduction and one elementwise pass over x and
+    ∂z. Reverse mode only (a `custom_vjp`): `AdaGN` uses it in training mode and plain ops otherwise, so forward-mode
+    autodiff through an eval-mode model (the likelihood's JVPs) works. Tested against torch autograd in
+    tests/test_model_parity.py.
+    """
+    return _modulated_group_norm_fwd(x, scale, shift, num_groups, eps)[0]
+
+
+def _modulated_group_norm_bwd(num_groups: int, eps: float, residuals, dz):
+    x, mean, rstd, scale = residuals
     n, h, w, c = x.shape
-    xg = x.astype(jnp.float32).reshape(n, h * w, num_groups, c // num_groups)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
-    return ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(n, h, w, c)
+    cg = c // num_groups
+    xhat = (x.astype(jnp.float32) - _bcast(mean)) * _bcast(rstd)
+    dzf = dz.astype(jnp.float32)
+    dshift = dzf.sum(axis=(1, 2))
+    dscale = (dzf * xhat).sum(axis=(1, 2))
+    gain = 1 + scale
+    group_mean = lambda v: jnp.repeat(v.reshape(n, num_groups, cg).sum(-1), cg, axis=1) / (h * w * cg)
+    m1, m2 = group_mean(gain * dshift), group_mean(gain * dscale)
+    dx = _bcast(rstd) * (dzf * _bcast(gain) - _bcast(m1) - xhat * _bcast(m2))
+    return dx.astype(x.dtype), dscale, dshift
+
+
+modulated_group_norm.defvjp(_modulated_group_norm_fwd, _modulated_group_norm_bwd)
 
 
 class AdaGN(ConditionedModule):
@@ -108,6 +167,7 @@ class AdaGN(ConditionedModule):
         self.num_groups = num_groups
         self.eps = eps
         self.cond_key = cond_key
+        self.deterministic = False  # nnx's train()/eval() switch; see modulated_group_norm
         self.mapper = nnx.Linear(feats_in, c_out * 2, kernel_init=torch_default_init, rngs=rngs)
 
     def __call__(self, x, cond: Cond):
@@ -120,8 +180,9 @@ class AdaGN(ConditionedModule):
         c = h.shape[-1] // 2
         bias = self.mapper.bias[...]
         scale, shift = h[:, :c] + bias[:c], h[:, c:] + bias[c:]
-        y = group_norm(x, self.num_groups, self.eps)
-        return (y * (1 + scale[:, None, None, :]) + shift[:, None, None, :]).astype(x.dtype)
+        if not self.deterministic:  # training: the hand-written backward
+            return modulated_group_norm(x, scale, shift, self.num_groups, self.eps)
+        return _modulated_group_norm_fwd(x, scale, shift, self.num_groups, self.eps)[0]  # any autodiff mode
 
 
 def attention(q, k, v, dropout: nnx.Dropout, bias=None):
