@@ -89,18 +89,27 @@ def dropout2d(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
     return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
 
 
+def _bcast(v):
+    """[N, C] → [N, 1, 1, C], to broadcast over an NHWC tensor."""
+    return v[:, None, None, :]
+
+
+def _group_mean(per_channel, num_groups: int):
+    """Each channel's group mean of a per-channel quantity [N, C] (groups are contiguous channel ranges)."""
+    n, c = per_channel.shape
+    return jnp.repeat(per_channel.reshape(n, num_groups, c // num_groups).mean(-1), c // num_groups, axis=1)
+
+
 def _channel_stats(x, num_groups: int, eps: float):
     """x in float32, and each channel's group mean and 1/√(var + eps), both [N, C] (biased variance, two passes).
 
     Reduced over H and W per channel first, then over each group's channels, so every full-size pass keeps the
-    channels innermost: a [N, H·W, G, C/G] view puts C/G (often 4) innermost, which XLA:CPU vectorises poorly (the
-    fused GroupNorm, modulation and GELU took ~3× longer forward and backward, bench/RESULTS.md session 6).
+    channels innermost. A [N, H·W, G, C/G] view puts C/G (often 4) innermost, which XLA:CPU vectorises poorly: with it
+    the GroupNorm, modulation and GELU of an AdaGN block took 1.5–2.2× longer forward (bench/RESULTS.md, session 6).
     """
-    n, _, _, c = x.shape
     xf = x.astype(jnp.float32)
-    per_group = lambda v: jnp.repeat(v.reshape(n, num_groups, c // num_groups).mean(-1), c // num_groups, axis=1)
-    mean = per_group(xf.mean(axis=(1, 2)))
-    var = per_group(jnp.square(xf - mean[:, None, None]).mean(axis=(1, 2)))
+    mean = _group_mean(xf.mean(axis=(1, 2)), num_groups)
+    var = _group_mean(jnp.square(xf - _bcast(mean)).mean(axis=(1, 2)), num_groups)
     return xf, mean, jax.lax.rsqrt(var + eps)
 
 
@@ -110,11 +119,7 @@ def group_norm(x, num_groups: int, eps: float):
     Groups are contiguous channel ranges, as in PyTorch's NCHW layout.
     """
     xf, mean, rstd = _channel_stats(x, num_groups, eps)
-    return (xf - mean[:, None, None]) * rstd[:, None, None]
-
-
-def _bcast(v):
-    return v[:, None, None, :]
+    return (xf - _bcast(mean)) * _bcast(rstd)
 
 
 def _modulated_group_norm_fwd(x, scale, shift, num_groups: int, eps: float):
@@ -143,15 +148,13 @@ def modulated_group_norm(x, scale, shift, num_groups: int, eps: float):
 
 def _modulated_group_norm_bwd(num_groups: int, eps: float, residuals, dz):
     x, mean, rstd, scale = residuals
-    n, h, w, c = x.shape
-    cg = c // num_groups
+    _, h, w, _ = x.shape
     xhat = (x.astype(jnp.float32) - _bcast(mean)) * _bcast(rstd)
     dzf = dz.astype(jnp.float32)
     dshift = dzf.sum(axis=(1, 2))
     dscale = (dzf * xhat).sum(axis=(1, 2))
     gain = 1 + scale
-    group_mean = lambda v: jnp.repeat(v.reshape(n, num_groups, cg).sum(-1), cg, axis=1) / (h * w * cg)
-    m1, m2 = group_mean(gain * dshift), group_mean(gain * dscale)
+    m1, m2 = (_group_mean(gain * d, num_groups) / (h * w) for d in (dshift, dscale))
     dx = _bcast(rstd) * (dzf * _bcast(gain) - _bcast(m1) - xhat * _bcast(m2))
     return dx.astype(x.dtype), dscale, dshift
 
