@@ -164,7 +164,8 @@ def test_modulated_group_norm_bfloat16_gradient_matches_autodiff():
     plain = lambda x, s, b: (group_norm(x, g, 1e-5) * (1 + s[:, None, None]) + b[:, None, None]).astype(x.dtype)
     fused = lambda x, s, b: modulated_group_norm(x, s, b, g, 1e-5)
     (z_ref, vjp_ref), (z, vjp) = (jax.vjp(f, x16, jnp.asarray(scale), jnp.asarray(shift)) for f in (plain, fused))
-    assert z.dtype == jnp.bfloat16 and np.array_equal(np.asarray(z, np.float32), np.asarray(z_ref, np.float32))
+    assert z.dtype == jnp.bfloat16  # the two forwards differ only in fp32 summation order, then round to bf16
+    assert rel_err(np.asarray(z, np.float32), np.asarray(z_ref, np.float32)) <= 4e-3
     for got, want in zip(vjp(dz16), vjp_ref(dz16)):
         assert got.dtype == want.dtype
         assert rel_err(np.asarray(got, np.float32), np.asarray(want, np.float32)) <= 1e-2
