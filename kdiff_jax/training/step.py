@@ -2,7 +2,8 @@
 
 For a batch of augmented images x0 with their aug_cond, at micro-step s with key k_s = fold_in(key, s):
   n ~ N(0, I), σ ~ config density, L = mean_i loss_i(x0, n, σ)  (the denoiser's loss; dropout on)
-  g = ∇L; if L or g is not finite the micro-batch is skipped and counted (nothing changes but the step counter);
+  g = ∇L; if L or g is not finite the micro-batch is skipped and counted (nothing changes but the step counter; a
+  `lax.cond`, so that XLA updates the donated state in place);
   otherwise optax.MultiSteps accumulates g and every `grad_accum_steps` micro-batches applies AdamW, after which
   EMA ← d·EMA + (1 − d)·params with d = ema_decay(#updates so far).
 Random draws have the global batch's shape, so (with JAX's partitionable threefry) they do not depend on how the
@@ -56,18 +57,20 @@ def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: optax.Mul
         else:
             loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, dropout_key)
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        params = keep_if_finite(new_params, state.params)
-        opt_state = keep_if_finite(new_opt_state, state.opt_state)
+
+        def apply_gradient(params, opt_state, gns):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            if gns_groups:
+                gns = gns_update(gns, sq_small, sq_large, x0.shape[0] // gns_groups, x0.shape[0])
+            return optax.apply_updates(params, updates), opt_state, gns
+
+        # a branch rather than selects between old and new: XLA then updates the donated state in place
+        params, opt_state, gns = jax.lax.cond(finite, apply_gradient, lambda *unchanged: unchanged,
+                                              state.params, state.opt_state, state.gns)
         updated = finite & tx.has_updated(opt_state)
         decay = ema_decay(state.ema_updates, ema_cfg['power'], ema_cfg['max_value'])
         ema_params = jax.tree.map(lambda e, p: jnp.where(updated, e * decay + p * (1 - decay), e),
                                   state.ema_params, params)
-        gns = state.gns
-        if gns_groups:
-            gns = keep_if_finite(gns_update(gns, sq_small, sq_large, x0.shape[0] // gns_groups, x0.shape[0]), gns)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
                                   ema_updates=state.ema_updates + updated.astype(jnp.int32),
                                   skipped=state.skipped + (~finite).astype(jnp.int32), gns=gns)
