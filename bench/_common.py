@@ -168,19 +168,14 @@ def load_bench_config(name: str, dtype: str = 'float32'):
 
 def write_weights(config_name: str, path: Path, seed: int = 0, scale: float = 0.02) -> Path:
     """A k-diffusion model of `config_name` with random weights, every tensor perturbed (so proj_out is not zero and
-    the output depends on the whole network), saved as a state_dict .npz."""
+    the output depends on the whole network; tests.parity.perturb_), saved as a state_dict .npz."""
     import numpy as np
     import torch
     from kdiff_jax.config import to_kdiffusion_dict
-    from tests.oracle import import_k_diffusion
-    K = import_k_diffusion()
+    from tests.parity import K, perturb_
     torch.manual_seed(seed)
-    model = K.config.make_model(to_kdiffusion_dict(load_bench_config(config_name)))
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for k, v in model.state_dict().items():
-        state[k] = (v + torch.randn(v.shape, generator=gen) * scale).numpy()
-    np.savez(path, **state)
+    model = perturb_(K.config.make_model(to_kdiffusion_dict(load_bench_config(config_name))), seed, scale)
+    np.savez(path, **{k: v.numpy() for k, v in model.state_dict().items()})
     return path
 
 

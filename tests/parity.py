@@ -26,11 +26,15 @@ def small_config(**model_overrides):
 
 
 def perturb_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
-    """Add noise to every tensor of the state_dict (buffers, zero-initialised proj_out included): nothing stays 0."""
+    """Add noise to every tensor of the state_dict (buffers, zero-initialised proj_out included): nothing stays 0.
+    Except the resampling filters, constants in k-diffusion, which load_state_dict checks instead."""
+    fixed = {f'{name}.kernel' for name, m in module.named_modules()
+             if isinstance(m, (K.layers.Downsample2d, K.layers.Upsample2d))}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for v in module.state_dict().values():
-            v.add_(torch.randn(v.shape, generator=gen) * scale)
+        for key, v in module.state_dict().items():
+            if key not in fixed:
+                v.add_(torch.randn(v.shape, generator=gen) * scale)
     return module
 
 

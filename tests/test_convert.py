@@ -125,6 +125,17 @@ def test_missing_unexpected_and_misshapen_keys_are_all_reported(small):
     assert 'inner_model.proj_in.weight: checkpoint (7, 3, 1, 1), model expects (32, 3, 1, 1)' in msg
 
 
+def test_altered_resampling_kernel_is_refused(small):
+    """k-diffusion fixes the resampling filters; Downsample2d relies on its separable form, so a checkpoint with
+    another filter is an error, not a silently different model."""
+    config, inner, _ = small
+    sd = torch_state_dict_np(inner)
+    key = next(k for k in sd if k.endswith('.kernel') and sd[k].shape == (4, 4))
+    sd[key] = np.eye(4, dtype=np.float32) / 4
+    with pytest.raises(StateDictMismatch, match=f"differ from k-diffusion's fixed 4×4 filter.*{key}"):
+        load_state_dict(make_model(config, initialize=False), sd)
+
+
 def test_refuses_pickles_that_run_code(tmp_path):
     marker = tmp_path / 'pwned'
 

@@ -89,17 +89,30 @@ def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, 
     """Fill every parameter and buffer of `model` from a k-diffusion state_dict, strictly.
 
     Every key must be consumed and every variable filled with the right shape; otherwise StateDictMismatch lists
-    each offending key with both shapes, and names those of `candidate_configs` whose model would fit.
+    each offending key with both shapes, and names those of `candidate_configs` whose model would fit. The
+    resampling kernels, fixed in k-diffusion, must hold its filter (Downsample2d relies on it being separable).
     """
     found = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
     problems = describe_mismatch(expected_torch_shapes(model), found)
     if problems:
         hint = _config_hint(found, candidate_configs)
         raise StateDictMismatch(f'{source} does not match the model of the config:\n{problems}{hint}')
+    altered = [key for key, kernel in resampling_kernels(model).items()
+               if not np.array_equal(np.asarray(state_dict[key], np.float32), kernel)]
+    if altered:
+        raise StateDictMismatch(f"{source}: these resampling kernels differ from k-diffusion's fixed 4×4 filter, "
+                                f"which the model assumes: {', '.join(altered)}")
     values = {}
     for path, var in saved_variables(model).items():
         values[path] = from_torch_layout(path, var, np.asarray(state_dict[torch_key(path, var)], np.float32))
     assign_variables(model, values)
+
+
+def resampling_kernels(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The state_dict key and fixed value (k-diffusion's "linear" filter) of every Downsample2d/Upsample2d kernel."""
+    from ..models.layers import Downsample2d, Upsample2d
+    return {torch_key((*path, 'kernel'), node.kernel): np.asarray(node.default_kernel())
+            for path, node in nnx.iter_graph(model) if isinstance(node, (Downsample2d, Upsample2d))}
 
 
 def _config_hint(found: Mapping[str, tuple], candidate_configs: Iterable[str | FsPath]) -> str:

@@ -271,23 +271,35 @@ def _weighted_sum(terms):
 class Downsample2d(nnx.Module):
     """Anti-aliased 2× downsampling: reflect-pad 1, then the 4×4 filter applied to every channel, stride 2.
 
-    PyTorch runs it as a dense c→c `conv2d` whose weight is the filter on the diagonal. Here it is the equivalent
-    sum of 16 strided slices, each times one filter tap: XLA:CPU runs a depthwise convolution as a slow generic
-    convolution, while the slices fuse into one elementwise loop.
+    PyTorch runs it as a dense c→c `conv2d` whose weight is the filter on the diagonal. The filter is k-diffusion's
+    separable one, K = t·tᵀ (PyTorch checkpoints with another are refused: interop.load_state_dict), so here it
+    runs as two 1-D passes, each a sum of 4 row (then column) slices times a tap: y[m] = Σ_{a,p ∈ {0,1}}
+    t[2a + p]·x[2(m + a) + p], the rows paired by a free reshape. XLA:CPU runs a depthwise convolution as a slow
+    generic one, and the 16 stride-2 slices of the 2-D filter have a slow backward (interior-padded scatters): the
+    separable form takes half their time forward + backward (bench/RESULTS.md, session 7).
+    The taps are read from the kernel: rows a = K·1/ΣK, columns b = 1ᵀK, so that a·bᵀ = K for any rank-1 K
+    (exactly, for k-diffusion's, whose sums are exact in float32).
     """
 
     def __init__(self):
+        self.kernel = Buffer(self.default_kernel())
+
+    @staticmethod
+    def default_kernel():
         taps = jnp.asarray(_LINEAR_TAPS, jnp.float32)
-        self.kernel = Buffer(jnp.outer(taps, taps))
+        return jnp.outer(taps, taps)
 
     def __call__(self, x):
         kernel = self.kernel[...].astype(x.dtype)
-        k = kernel.shape[0]
-        pad = k // 2 - 1
-        h, w = x.shape[1] // 2, x.shape[2] // 2
-        x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
-        return _weighted_sum((x[:, i:i + 2 * h - 1:2, j:j + 2 * w - 1:2], kernel[i, j])
-                             for i in range(k) for j in range(k))
+        if kernel.shape != (4, 4):
+            raise ValueError(f'Downsample2d supports 4×4 filters, got {kernel.shape}')
+        row_taps, col_taps = kernel.sum(1) / kernel.sum(), kernel.sum(0)
+        n, h, w, c = x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3]
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')[:, :2 * h + 2, :2 * w + 2]  # odd: as torch
+        rows = x.reshape(n, h + 1, 2, 2 * w + 2, c)  # row 2i + p → [i, p]
+        x = _weighted_sum((rows[:, a:a + h, p], row_taps[2 * a + p]) for a in range(2) for p in range(2))
+        cols = x.reshape(n, h, w + 1, 2, c)
+        return _weighted_sum((cols[:, :, a:a + w, p], col_taps[2 * a + p]) for a in range(2) for p in range(2))
 
 
 class Upsample2d(nnx.Module):
@@ -300,8 +312,12 @@ class Upsample2d(nnx.Module):
     """
 
     def __init__(self):
+        self.kernel = Buffer(self.default_kernel())
+
+    @staticmethod
+    def default_kernel():
         taps = 2 * jnp.asarray(_LINEAR_TAPS, jnp.float32)
-        self.kernel = Buffer(jnp.outer(taps, taps))
+        return jnp.outer(taps, taps)
 
     def __call__(self, x):
         kernel = self.kernel[...].astype(x.dtype)
