@@ -9,7 +9,9 @@ backward, AdamW (the config's hyperparameters), LR schedule step and EMA update.
 `make_train_step` compiled by `jit_train_step` over a 1-device data mesh (state donated); PyTorch runs
 `denoiser.loss(...).mean().backward()`, `opt.step()`, `sched.step()`, `opt.zero_grad()` and `K.utils.ema_update`.
 Each side runs in its own worker process (bench/_common.py); images/s from the median step time after one warm-up
-step (as many steps as fit in --target-s, 2 to 10). The FLOPs of one step are XLA's cost analysis of the lowered
+step (as many steps as fit in --target-s, 2 to 10). `--rounds N` repeats the pair N times, alternating which side
+goes first: on a machine whose speed drifts (this VM's step times vary by 10–20% over an hour), the median of
+the rounds' ratios is the figure to compare. The FLOPs of one step are XLA's cost analysis of the lowered
 (not yet optimised) kdiff_jax step, counted once and used for both sides (with --gpu the step is lowered on the CPU
 for this: XLA:GPU gives no count before optimisation); the fp32 matmul ceiling is each framework's 2048² matmul.
 
@@ -203,6 +205,8 @@ def main():
     p.add_argument('--config', default='cars64')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--target-s', type=float, default=20., help='timed seconds per side (2-10 steps)')
+    p.add_argument('--rounds', type=int, default=1, help='measure both sides this many times, alternating which '
+                   'goes first (one row per round, and the median ratio)')
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
     p.add_argument('--profile', metavar='DIR', help='after timing, profile a few steps of each side into DIR: '
                    'kernel summaries (*_kernels.md), the raw traces and the optimized HLO (bench/gpu_trace.py)')
@@ -215,12 +219,15 @@ def main():
     weights = C.write_weights(args.config, tmp / 'w.npz')
     np.savez(tmp / 'batch.npz', **C.train_batch(args.config, args.batch))
     common = dict(config=args.config, weights=str(weights), batch=str(tmp / 'batch.npz'))
-    res = {}
-    for side in ('jax', 'torch'):
-        res[side] = C.run_worker(__file__, dict(side=side, target_s=args.target_s, gpu=args.gpu, dtype=dtype,
-                                                profile=args.profile and str(Path(args.profile).resolve()),
-                                                **common))
-    j, t = res['jax'], res['torch']
+    rounds = []
+    for i in range(args.rounds):  # the side that goes first alternates, so a drifting machine favours neither
+        res = {}
+        for side in ('jax', 'torch') if i % 2 == 0 else ('torch', 'jax'):
+            res[side] = C.run_worker(__file__, dict(side=side, target_s=args.target_s, gpu=args.gpu, dtype=dtype,
+                                                    profile=args.profile and str(Path(args.profile).resolve()),
+                                                    **common))
+        rounds.append((res['jax'], res['torch']))
+    j, t = rounds[-1]
     if j['flops'] != j['flops']:  # nan: the backend (XLA:GPU) gave no count; count on the CPU
         j['flops'] = C.run_worker(__file__, dict(side='flops', **common), env={'JAX_PLATFORMS': 'cpu'})['flops']
     gf = j['flops'] / 1e9
@@ -229,10 +236,17 @@ def main():
               'GFLOP/step | kdiff_jax GFLOP/s (% of XLA matmul) | PyTorch GFLOP/s (% of torch matmul) | '
               'peak RSS MiB jax / torch | others (cores) jax / torch |')
     print(header + '\n|' + '---|' * (header.count('|') - 1))
-    print(f"| {args.config} | {args.batch} | {ips_j:.2f} | {ips_t:.2f} | {ips_j / ips_t:.2f}x | {j['time']:.2f} / "
-          f"{t['time']:.2f} | {j['compile_s']:.1f} | {gf:.0f} | {gf / j['time']:.0f} "
-          f"({gf / j['time'] / j['ceiling']:.0%}) | {gf / t['time']:.0f} ({gf / t['time'] / t['ceiling']:.0%}) | "
-          f"{j['peak_rss_mb']:.0f} / {t['peak_rss_mb']:.0f} | {j['others_cores']:.2f} / {t['others_cores']:.2f} |")
+    for rj, rt in rounds:
+        print(f"| {args.config} | {args.batch} | {args.batch / rj['time']:.2f} | {args.batch / rt['time']:.2f} | "
+              f"{rt['time'] / rj['time']:.2f}x | {rj['time']:.2f} / {rt['time']:.2f} | {rj['compile_s']:.1f} | "
+              f"{gf:.0f} | {gf / rj['time']:.0f} ({gf / rj['time'] / rj['ceiling']:.0%}) | {gf / rt['time']:.0f} "
+              f"({gf / rt['time'] / rt['ceiling']:.0%}) | {rj['peak_rss_mb']:.0f} / {rt['peak_rss_mb']:.0f} | "
+              f"{rj['others_cores']:.2f} / {rt['others_cores']:.2f} |")
+    if len(rounds) > 1:
+        ratios = sorted(rt['time'] / rj['time'] for rj, rt in rounds)
+        print(f"\n{len(rounds)} rounds (one row each, the first side alternating): ratio median "
+              f"{ratios[len(ratios) // 2]:.2f}x, range {ratios[0]:.2f}–{ratios[-1]:.2f}x; the lines below are the last "
+              "round's")
     print(f"\nsteps timed: jax {len(j['times'])}, torch {len(t['times'])}; first-step loss jax {j['loss']:.4f}, "
           f"torch {t['loss']:.4f} (different noise draws); {'bf16' if args.gpu else 'fp32'} matmul ceiling XLA "
           f"{j['ceiling']:.0f}, PyTorch "

@@ -52,6 +52,19 @@ def test_gpu_script_pipeline_on_the_cpu(tmp_path):
         assert 'ENTRY' in f.read()
 
 
+def test_train_step_rounds_alternate_and_report_the_median_ratio():
+    """--rounds 2: one table row per round and the median of the rounds' ratios."""
+    proc = subprocess.run([sys.executable, str(ROOT / 'bench' / 'train_step.py'), '--config', 'demo', '--batch', '2',
+                           '--target-s', '1', '--rounds', '2', '--max-load', '1000'], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900, env={**os.environ, **BUSY_OK})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith('| demo | 2 |')]
+    assert len(rows) == 2
+    ratios = sorted(float(row.strip('|').split('|')[4].strip().rstrip('x')) for row in rows)
+    median = re.search(r'2 rounds .*ratio median (\d+\.\d+)x, range (\d+\.\d+)–(\d+\.\d+)x', proc.stdout)
+    assert median and [float(median.group(i)) for i in (2, 3)] == ratios and float(median.group(1)) == ratios[1]
+
+
 def test_step_flops_counted_on_the_cpu_match_the_bf16_step(tmp_path):
     """XLA:GPU gives no cost analysis of the lowered step, so train_step.py --gpu counts its FLOPs in a CPU worker
     (`flops_worker`, run here in-process) in float32: the count must match that of the bf16 step the GPU runs (the
