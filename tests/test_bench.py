@@ -25,7 +25,7 @@ def table_row(out: str, first_cell: str) -> list[str]:
 def test_gpu_script_pipeline_on_the_cpu(tmp_path):
     """bench/gpu.sh end to end with the GPU flag left out: bf16 on both sides (JAX's compute dtype, PyTorch's CPU
     autocast), the training step then sampling (one short sampler here), each table in $OUT."""
-    env = {**os.environ, **BUSY_OK, 'GPU_FLAG': '', 'WHEELS': '', 'CONFIG': 'demo', 'BATCH': '2',
+    env = {**os.environ, **BUSY_OK, 'GPU_FLAG': '', 'WHEELS': '', 'CONFIG': 'demo', 'BATCHES': '2',
            'SAMPLERS': 'heun:4', 'PYTHON': sys.executable, 'OUT': str(tmp_path)}
     proc = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu.sh')], capture_output=True, text=True, cwd=ROOT,
                           timeout=900, env=env)
