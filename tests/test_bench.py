@@ -136,3 +136,17 @@ def test_hlo_fusion_kinds_and_bytes():
     out = fusion_traffic({name: 0.0004, 'sm90_xmma_fprop_x': 1.}, {name: 4, 'sm90_xmma_fprop_x': 2}, hlo, steps=2)
     assert '| optimizer update (AdamW) | 0.00 | 0.00 | 246 | 0.00 |' in out, out
     assert '| library kernel: convolution | 0.50 |  |  |  |' in out
+
+
+def test_step_dispatch_forms_compute_the_same_step():
+    """bench/step_dispatch.py on the CPU: the training step called with the state as the nnx TrainState, as plain
+    dicts and as a flat list gives a row each, and all three reach the same loss from the same state (the same
+    computation; only the calling convention differs)."""
+    proc = subprocess.run([sys.executable, str(ROOT / 'bench' / 'step_dispatch.py'), '--config', 'demo', '--batch', '2',
+                           '--steps', '2', '--max-load', '1000'], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env={**os.environ, **BUSY_OK})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {form: table_row(proc.stdout, form) for form in ('nnx', 'pure', 'leaves')}
+    for row in rows.values():
+        assert all(float(cell) > 0 for cell in row[1:5]), row  # compile s, dispatch, synced, pipelined ms
+    assert len({row[6] for row in rows.values()}) == 1, rows  # the loss after the same steps
