@@ -4,16 +4,18 @@
   python3 bench/step_dispatch.py --gpu [--config cars64] [--batch 64]     # on a GPU (see bench/RESULTS.md, "GPU")
   .venv/bin/python bench/step_dispatch.py --config demo --batch 8          # the same on the CPU
 
-The same train step (`make_train_step`, state donated) is compiled once per variant; only its calling convention
-differs, and each variant's state holds the same arrays in the same order:
+The same train step (`make_train_step`) is compiled once per variant as train.py compiles it (`jit_train_step`: state
+replicated over the 1-device data mesh and donated, batch split over it, `train_step_compiler_options`); only its
+calling convention, and optionally an XLA option, differ. Each form holds the same arrays in the same order:
   nnx      the TrainState with nnx.State fields (each leaf an nnx Variable, flattened and rebuilt in Python per call)
   pure     the same TrainState with plain nested dicts in place of the nnx.State fields (flattened in C++)
   leaves   the state's flat list of arrays
-  leaves, no command buffers  (--gpu) as `leaves`, compiled with XLA's command buffers (CUDA graphs) off
+--variants takes FORM[:OPTION=VALUE]..., e.g. `leaves:xla_gpu_enable_command_buffer=` (XLA's command buffers, i.e.
+CUDA graphs, off). Default: nnx, pure, leaves, and with --gpu also that command-buffer variant.
 For each: "dispatch" is how long a call takes to return without waiting for the step, "synced" the median step with
 a wait after each, "pipelined" the mean step when --steps steps are dispatched back to back with one wait at the
 end (as train.py runs them). A step whose dispatch takes longer than its device time is host-bound: pipelining
-cannot hide it. Variants run in this order until --budget-s seconds have passed; each row prints when done.
+cannot hide it. Variants run in the order given until --budget-s seconds have passed; each row prints when done.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
+FORMS = ('nnx', 'pure', 'leaves')
+
+
 def pure_state(state):
     """`state` with every nnx.State in it (parameters, EMA, buffers, optimizer moments) as plain nested dicts."""
     import jax
@@ -36,21 +41,31 @@ def pure_state(state):
     return jax.tree.map(lambda x: x.to_pure_dict() if is_state(x) else x, state, is_leaf=is_state)
 
 
-def variant_step(train_step, nnx_def, kind: str, compiler_options: dict | None = None):
-    """`train_step` taking and returning the state as `kind` ('nnx', 'pure' or 'leaves'), jitted, state donated.
-    The pure and flat forms are turned back into the nnx TrainState inside the trace (same leaf order), so every
-    variant compiles the same computation."""
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """'FORM[:OPTION=VALUE]...' → (form, XLA options)."""
+    form, *options = spec.split(':')
+    if form not in FORMS or not all('=' in o for o in options):
+        raise SystemExit(f'bad variant {spec!r}: FORM[:OPTION=VALUE]..., FORM one of {", ".join(FORMS)}')
+    return form, dict(o.split('=', 1) for o in options)
+
+
+def variant_step(train_step, nnx_def, form: str, mesh, example, options: dict[str, str]):
+    """`train_step` taking and returning the state in `form` ('nnx', 'pure' or 'leaves'; `example` is the state in
+    that form), compiled as `jit_train_step` compiles it, plus `options`. The pure and flat forms are turned back
+    into the nnx TrainState inside the trace (same leaf order), so every variant computes the same step."""
     import jax
+    from kdiff_jax.training.compiler_options import train_step_compiler_options
+    from kdiff_jax.training.sharding import batch_sharded, replicated
 
     def step(state, batch):
-        leaves = state if kind == 'leaves' else jax.tree_util.tree_leaves(state)
+        leaves = state if form == 'leaves' else jax.tree_util.tree_leaves(state)
         new, metrics = train_step(jax.tree_util.tree_unflatten(nnx_def, leaves), batch)
-        if kind == 'nnx':
-            return new, metrics
-        new_leaves = jax.tree_util.tree_leaves(new)
-        return (new_leaves if kind == 'leaves' else
-                jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(pure_state(new)), new_leaves)), metrics
-    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(example),
+                                            jax.tree_util.tree_leaves(new)), metrics
+    state_sharding = jax.tree.map(lambda _: replicated(mesh), example)
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharded(mesh)),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0,
+                   compiler_options={**train_step_compiler_options(), **options})
 
 
 def measure(step, state, batch, steps: int) -> dict:
@@ -91,15 +106,19 @@ def main():
     p.add_argument('--batch', type=int, default=64)
     p.add_argument('--steps', type=int, default=10, help='timed steps per variant, synced and pipelined each')
     p.add_argument('--budget-s', type=float, default=1e9, help='start no further variant after this many seconds')
+    p.add_argument('--variants', nargs='+', metavar='FORM[:OPTION=VALUE]', help='what to compare (see above)')
     p.add_argument('--max-load', type=float, default=1.3, help='wait for the 1-min load to drop below this')
     C.add_device_args(p)
     args = p.parse_args()
+    variants = args.variants or list(FORMS) + (['leaves:xla_gpu_enable_command_buffer='] if args.gpu else [])
+    parsed = [(spec, *parse_variant(spec)) for spec in variants]
     start = time.perf_counter()
     import jax
-    from kdiff_jax.training.step import make_train_step
-    from kdiff_jax.training.optimizer import make_optimizer
-    from kdiff_jax.training.state import create_train_state
     from kdiff_jax.factory import make_model
+    from kdiff_jax.training.optimizer import make_optimizer
+    from kdiff_jax.training.sharding import data_mesh, replicate, shard_batch
+    from kdiff_jax.training.state import create_train_state
+    from kdiff_jax.training.step import make_train_step
     dtype = C.run_dtype(args)
     C.begin(f'Dispatch cost of the training step by state form (bench/step_dispatch.py): {args.config}, batch '
             f'{args.batch}{C.device_label(args)}', args.max_load)
@@ -107,23 +126,22 @@ def main():
     tx = make_optimizer(config)
     train_model, state = create_train_state(make_model(config, seed=0), tx, seed=0)
     train_step = make_train_step(config, train_model, tx)
+    mesh = data_mesh(jax.devices()[:1])
+    state = replicate(state, mesh)
     nnx_def = jax.tree_util.tree_structure(state)
-    batch = jax.device_put(C.train_batch(args.config, args.batch))
+    batch = shard_batch(C.train_batch(args.config, args.batch), mesh)
     print(f'state: {nnx_def.num_leaves} arrays, {sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) / 2**20:.0f} '
           f'MiB; {jax.devices()[0].device_kind}\n')
-    variants = [('nnx', 'nnx', None), ('pure', 'pure', None), ('leaves', 'leaves', None)]
-    if args.gpu:
-        variants.append(('leaves, no command buffers', 'leaves', {'xla_gpu_enable_command_buffer': ''}))
-    print('| state passed as | compile s | dispatch ms | synced ms/step | pipelined ms/step | images/s pipelined | '
+    print('| variant | compile s | dispatch ms | synced ms/step | pipelined ms/step | images/s pipelined | '
           'loss |\n|---|---|---|---|---|---|---|', flush=True)
-    for name, kind, options in variants:
+    for name, form, options in parsed:
         if time.perf_counter() - start > args.budget_s:
             print(f'(budget of {args.budget_s:.0f} s spent: {name} not run)')
             continue
-        form = {'nnx': lambda s: s, 'pure': pure_state, 'leaves': jax.tree_util.tree_leaves}[kind]
-        own = jax.tree.map(lambda x: x.copy(), state)  # each variant donates its own copy
+        own = {'nnx': lambda s: s, 'pure': pure_state, 'leaves': jax.tree_util.tree_leaves}[form](
+            jax.tree.map(lambda x: x.copy(), state))  # each variant donates its own copy
         try:
-            r = measure(variant_step(train_step, nnx_def, kind, options), form(own), batch, args.steps)
+            r = measure(variant_step(train_step, nnx_def, form, mesh, own, options), own, batch, args.steps)
         except Exception as e:  # noqa: BLE001 -- e.g. a compiler option this XLA does not know: report, go on
             print(f'| {name} | failed: {type(e).__name__}: {str(e)[:200]} |', flush=True)
             continue
