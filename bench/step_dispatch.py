@@ -69,35 +69,26 @@ def variant_step(train_step, nnx_def, form: str, mesh, example, options: dict[st
 
 
 def measure(step, state, batch, steps: int) -> dict:
-    """Compile, then dispatch / synced / pipelined milliseconds per step (module docstring)."""
+    """Compile, then dispatch / synced / pipelined milliseconds per step (module docstring), with bench/_common's
+    step runner and timers, and the loss of the last step."""
     import jax
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    holder = [state]
-
-    def call():
-        holder[0], metrics = compiled(holder[0], batch)
-        return metrics
+    run = C.step_runner(compiled, state, batch)
     for _ in range(2):  # warm-up
-        jax.block_until_ready(call())
-    synced = []
-    for _ in range(steps):
+        run()
+    synced, _ = C.median_time(run, steps)
+    dispatch, last = [], []
+
+    def dispatch_one():
         t = time.perf_counter()
-        jax.block_until_ready((call(), holder[0]))
-        synced.append(time.perf_counter() - t)
-    dispatch = []
-    start = time.perf_counter()
-    for _ in range(steps):
-        t = time.perf_counter()
-        metrics = call()
+        last[:] = [run(block=False)]
         dispatch.append(time.perf_counter() - t)
-    jax.block_until_ready((metrics, holder[0]))
-    pipelined = (time.perf_counter() - start) / steps
-    loss = float(metrics['loss'])
-    holder.clear()
-    return dict(compile_s=compile_s, dispatch_ms=statistics.median(dispatch) * 1e3,
-                synced_ms=statistics.median(synced) * 1e3, pipelined_ms=pipelined * 1e3, loss=loss)
+        return last[0]
+    pipelined = C.pipelined_time(dispatch_one, jax.block_until_ready, steps)
+    return dict(compile_s=compile_s, dispatch_ms=statistics.median(dispatch) * 1e3, synced_ms=synced * 1e3,
+                pipelined_ms=pipelined * 1e3, loss=float(last[0]['loss']))
 
 
 def main():
