@@ -52,6 +52,19 @@ def test_gpu_script_pipeline_on_the_cpu(tmp_path):
         assert 'ENTRY' in f.read()
 
 
+def test_gpu_script_skips_the_parts_its_budget_leaves_no_time_for(tmp_path):
+    """BUDGET_S bounds bench/gpu.sh (a device call may run 600 s): a part with under a minute left is skipped, with a
+    message naming it, and the script still ends normally."""
+    env = {**os.environ, **BUSY_OK, 'GPU_FLAG': '', 'WHEELS': '', 'CONFIG': 'demo', 'BATCHES': '2 4',
+           'PYTHON': sys.executable, 'OUT': str(tmp_path), 'BUDGET_S': '30'}
+    proc = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu.sh')], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for part in ('training step at batch 2', 'training step at batch 4', 'sampling'):
+        assert re.search(rf'skipped \(\d+ s of BUDGET_S=30 left\): {part}', proc.stderr), proc.stderr
+    assert (tmp_path / 'train_step.md').read_text() == '' and not (tmp_path / 'sampling.md').exists()
+
+
 def test_train_step_rounds_alternate_and_report_the_median_ratio():
     """--rounds 2: one table row per round and the median of the rounds' ratios."""
     proc = subprocess.run([sys.executable, str(ROOT / 'bench' / 'train_step.py'), '--config', 'demo', '--batch', '2',
