@@ -51,21 +51,17 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 
 def variant_step(train_step, nnx_def, form: str, mesh, example, options: dict[str, str]):
     """`train_step` taking and returning the state in `form` ('nnx', 'pure' or 'leaves'; `example` is the state in
-    that form), compiled as `jit_train_step` compiles it, plus `options`. The pure and flat forms are turned back
-    into the nnx TrainState inside the trace (same leaf order), so every variant computes the same step."""
+    that form), compiled by `jit_train_step` with `options` added. The pure and flat forms are turned back into the
+    nnx TrainState inside the trace (same leaf order), so every variant computes the same step."""
     import jax
-    from kdiff_jax.training.compiler_options import train_step_compiler_options
-    from kdiff_jax.training.sharding import batch_sharded, replicated
+    from kdiff_jax.training.sharding import jit_train_step
 
     def step(state, batch):
         leaves = state if form == 'leaves' else jax.tree_util.tree_leaves(state)
         new, metrics = train_step(jax.tree_util.tree_unflatten(nnx_def, leaves), batch)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(example),
                                             jax.tree_util.tree_leaves(new)), metrics
-    state_sharding = jax.tree.map(lambda _: replicated(mesh), example)
-    return jax.jit(step, in_shardings=(state_sharding, batch_sharded(mesh)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0,
-                   compiler_options={**train_step_compiler_options(), **options})
+    return jit_train_step(step, mesh, example, options)
 
 
 def measure(step, state, batch, steps: int) -> dict:

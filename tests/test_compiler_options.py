@@ -74,3 +74,16 @@ def test_a_jaxlib_without_the_option_keeps_its_defaults(monkeypatch):
     monkeypatch.setattr(compiler_options, 'YNN_WITHOUT_CONVOLUTIONS', {'xla_cpu_option_not_in_this_jaxlib': 'x'})
     compiler_options.train_step_compiler_options.cache_clear()
     assert compiler_options.train_step_compiler_options() == {}
+
+
+def test_extra_compiler_options_reach_the_compiler_beside_the_defaults():
+    """jit_train_step's `extra_compiler_options` are passed with the step's own options: a valid one leaves the
+    convolutions out of YNNPACK as before, an invalid value fails the compile naming the option."""
+    mesh = data_mesh(jax.devices()[:1])
+    state, batch = _state_and_batch(mesh)
+    step = jit_train_step(conv_train_step, mesh, state, {'xla_cpu_prefer_vector_width': '256'})
+    in_ynn, total = convolutions_in_ynn_fusions(step.lower(state, batch).compile().as_text())
+    assert total >= 2 and in_ynn == 0, (in_ynn, total)
+    bad = jit_train_step(conv_train_step, mesh, state, {'xla_cpu_prefer_vector_width': 'wide'})
+    with pytest.raises(jax.errors.JaxRuntimeError, match='xla_cpu_prefer_vector_width'):
+        bad.lower(state, batch).compile()
