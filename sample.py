@@ -81,4 +81,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+    from kdiff_jax.malloc import use_mimalloc
+    use_mimalloc()  # restarts this process under mimalloc on Linux CPU hosts (kdiff_jax/malloc.py)
     sys.exit(main())
