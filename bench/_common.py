@@ -82,6 +82,24 @@ def wait_for_idle_others(max_cores: float = 0.2, max_wait_s: float = float(os.en
 
 # ---------------------------------------------------------------------------------------------------- workers
 
+def worker_malloc_env(side: str | None) -> dict[str, str]:
+    """The allocator of a worker: kdiff_jax's ('jax') as its CLIs run, under `kdiff_jax.malloc.preload_env()`
+    (mimalloc on a Linux CPU host); every other side with the system's malloc, as k-diffusion's users run it, unless
+    BENCH_TORCH_MALLOC=mimalloc (to measure PyTorch under the same allocator)."""
+    from kdiff_jax import malloc
+    if side == 'jax':
+        return malloc.preload_env()
+    if side == 'torch' and os.environ.get('BENCH_TORCH_MALLOC') == 'mimalloc':
+        return malloc.preload_env({**os.environ, 'KDIFF_JAX_MALLOC': 'mimalloc'})
+    return {}
+
+
+def malloc_line() -> str:
+    """Which allocator each side's workers run with, for the reports' headers."""
+    name = lambda side: 'mimalloc' if worker_malloc_env(side) else 'system malloc'
+    return f'malloc: kdiff_jax {name("jax")}, PyTorch {name("torch")}'
+
+
 def run_worker(script: str, spec: dict, *, env: dict | None = None,
                max_others: float = float(os.environ.get('BENCH_MAX_OTHERS', 0.3)), retries: int = 2,
                timeout: float = 900.) -> dict:
@@ -89,6 +107,8 @@ def run_worker(script: str, spec: dict, *, env: dict | None = None,
 
     A run during which other processes used more than `max_others` cores ($BENCH_MAX_OTHERS) is repeated, at most
     `retries` times.
+
+    The worker's environment is this process's, plus `worker_malloc_env(spec['side'])`, plus `env`.
 
     Added fields: wall_s (of the whole process), others_cores (CPU used by other processes during it),
     load_start (1-min load average when it started), attempts.
@@ -100,7 +120,8 @@ def run_worker(script: str, spec: dict, *, env: dict | None = None,
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         b0, t0 = _busy_seconds(), time.perf_counter()
         proc = subprocess.run([sys.executable, script, '--worker', json.dumps(spec)], capture_output=True, text=True,
-                              env=None if env is None else {**os.environ, **env}, timeout=timeout, cwd=ROOT)
+                              env={**os.environ, **worker_malloc_env(spec.get('side')), **(env or {})},
+                              timeout=timeout, cwd=ROOT)
         wall = time.perf_counter() - t0
         busy = _busy_seconds() - b0
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -382,7 +403,8 @@ def machine_header(title: str) -> str:
             return '?'
     return (f'# {title}\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {model}, {os.cpu_count()} cores · '
             f'jax {v("jax")}, jaxlib {v("jaxlib")}, flax {v("flax")}, torch {v("torch")}, '
-            f'k-diffusion {v("k-diffusion")} · XLA_FLAGS={os.environ.get("XLA_FLAGS", "") or "(none)"}')
+            f'k-diffusion {v("k-diffusion")} · XLA_FLAGS={os.environ.get("XLA_FLAGS", "") or "(none)"} · '
+            f'{malloc_line()}')
 
 
 def temp_dir() -> Path:

@@ -8,7 +8,8 @@ the resident set (RSS) before compiling and the TrainState's bytes; XLA's buffer
 outputs, donated aliases, temporaries); the RSS after compiling and after glibc's `malloc_trim` (heap that compiling
 freed but the allocator kept); then, with the peak reset (/proc/self/clear_refs), the RSS sampled every 20 ms
 while the steps run. RSS growth during a step beyond XLA's temporaries is memory the runtime allocates outside the
-buffer assignment.
+buffer assignment. It runs on glibc's malloc, in this process (not restarted under mimalloc as the CLIs are:
+kdiff_jax/malloc.py), since it measures what glibc keeps.
 """
 
 from __future__ import annotations
