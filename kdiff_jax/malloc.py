@@ -4,8 +4,8 @@ Why. XLA:CPU allocates the temporaries of every run of a compiled program with m
 batch 8: 1.9 GiB, in blocks of up to ~73 MiB). glibc serves blocks above its mmap threshold (at most 32 MiB) with
 fresh mmaps and unmaps them when they are freed, so each step touches all its temporaries' pages anew: ~490,000
 minor page faults and 1–1.7 s of system CPU per cars64 step on 2 cores. mimalloc keeps freed memory for reuse (for
-1 s by default, `MIMALLOC_PURGE_DELAY`): 0–15,000 faults per step, and the step takes ~7 s instead of ~8.3 s
-(bench/RESULTS.md, session 9). glibc's own tunables removed the faults only by making the step slower.
+1 s by default, `MIMALLOC_PURGE_DELAY`): 4,000–15,000 faults per step, and the step's median time was 7.05 and
+7.72 s against 8.39 and 8.19 s in interleaved runs (bench/RESULTS.md, session 9). glibc's own tunables removed the faults only by making the step slower.
 
 How. A process's malloc can only be replaced when it starts (LD_PRELOAD), so `use_mimalloc()`, called first by each
 CLI, restarts the Python process once (`execve`: same PID, same arguments) with LD_PRELOAD naming the libmimalloc of
