@@ -21,7 +21,7 @@ $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
-# The demo: train configs/demo.py on the bundled digits (about 5 minutes on 2 CPU cores; the loss falls from ~1.5 to
+# The demo: train configs/demo.py on the bundled digits (about 3 minutes on 2 CPU cores; the loss falls from ~1.5 to
 # ~0.2 and the grids show digit shapes), then sample a grid from the EMA weights with sample.py. Re-running resumes.
 DEMO_STEPS ?= 1200
 demo: $(STAMP)
