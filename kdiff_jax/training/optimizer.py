@@ -2,7 +2,7 @@
 
 AdamW (k-diffusion's default: decoupled weight decay on every parameter, as `torch.optim.AdamW`) or SGD
 (`torch.optim.SGD`: L2 weight decay added to the gradient, then momentum), with the LR schedule of
-`schedules.make_lr_schedule`, wrapped in `optax.MultiSteps` for gradient accumulation: gradients of
+`schedules.make_lr_schedule`, wrapped in `GradientAccumulation` (an `optax.MultiSteps`): gradients of
 `grad_accum_steps` micro-batches are averaged and the inner optimizer (and so the LR schedule) steps once.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -17,17 +18,20 @@ from .schedules import make_lr_schedule
 
 
 class GradientAccumulation(optax.MultiSteps):
-    """`optax.MultiSteps`, whose update at one micro-batch per step (k = 1) calls the inner optimizer directly.
+    """`optax.MultiSteps` (its state, running mean and counters) with an update that XLA can run in place.
 
-    At k = 1, MultiSteps' running mean of one gradient, acc + (g − acc)/1 from acc = 0, is g; its accumulator stays 0,
-    `mini_step` stays 0 and `gradient_step` counts up. So calling the inner optimizer on g and advancing
-    `gradient_step` gives the same updates and state (tests/test_train_step.py: equal to float rounding, as XLA
-    fuses the two programs differently). The state keeps MultiSteps' structure, so checkpoints move between k = 1 and
-    k > 1 runs. From a state left mid-accumulation by a k > 1 run, the first step applies its own gradient and sets
-    `mini_step` to 0, where MultiSteps would spend that step finishing the old mean and apply nothing.
-    Why by hand: MultiSteps' update, written for any k, selects between old and new state with `where(emit, …)`,
-    and that keeps XLA from updating the donated AdamW moments and accumulator in place: it copies all three each
-    step (567 MiB for cars64; bench/RESULTS.md, session 7). k > 1 still takes that path.
+    At k > 1 micro-batches per step, acc ← acc + (g − acc)/(n + 1) for n = 0 … k − 1 (MultiSteps' running mean); at
+    n = k − 1 the inner optimizer steps on that mean and acc resets to 0. The inner step is a `lax.cond` branch taken
+    only then; the other k − 1 micro-steps return zero updates and leave its state as it was.
+    At k = 1 the mean of one gradient is g and the accumulator stays 0, so the update calls the inner optimizer on g
+    directly and advances `gradient_step`. Both give MultiSteps' updates and state (tests/test_train_step.py: equal
+    to float rounding, as XLA fuses the programs differently), so checkpoints move between k = 1 and k > 1 runs.
+    From a state left mid-accumulation by a k > 1 run, a k = 1 step applies its own gradient and sets `mini_step` to
+    0, where MultiSteps would spend that step finishing the old mean and apply nothing.
+    Why by hand: MultiSteps' update, written for any k, runs the inner optimizer on every micro-batch and selects
+    between old and new state with `where(emit, …)`; that keeps XLA from updating the donated AdamW moments and
+    accumulator in place, and it copies all three every micro-step (567 MiB for cars64). The optimizer's part of a
+    cars64 micro-step took 280–290 ms with MultiSteps at k = 2 and 4, 175–190 ms so (bench/RESULTS.md).
     """
 
     def __init__(self, inner: optax.GradientTransformation, every_k: int):
@@ -35,12 +39,29 @@ class GradientAccumulation(optax.MultiSteps):
         self.every_k = every_k
 
     def update(self, updates, state: optax.MultiStepsState, params=None, **extra_args):
-        if self.every_k > 1:
-            return super().update(updates, state, params, **extra_args)
-        updates, inner_state = self.inner_opt.update(updates, state.inner_opt_state, params, **extra_args)
-        return updates, state._replace(mini_step=jnp.zeros_like(state.mini_step),
-                                       gradient_step=optax.safe_increment(state.gradient_step),
-                                       inner_opt_state=inner_state)
+        if self.every_k == 1:
+            updates, inner_state = self.inner_opt.update(updates, state.inner_opt_state, params, **extra_args)
+            return updates, state._replace(mini_step=jnp.zeros_like(state.mini_step),
+                                           gradient_step=optax.safe_increment(state.gradient_step),
+                                           inner_opt_state=inner_state)
+        n = state.mini_step
+        mean = jax.tree.map(lambda g, acc: acc + (g - acc) / (n + 1), updates, state.acc_grads)
+        emit = n == self.every_k - 1
+
+        def step_inner(mean, inner_state):
+            new_updates, inner_state = self.inner_opt.update(optax.tree.cast_like(mean, updates), inner_state,
+                                                             params, **extra_args)
+            return new_updates, inner_state, optax.tree.zeros_like(mean)
+
+        def accumulate(mean, inner_state):
+            return optax.tree.zeros_like(updates), inner_state, mean
+
+        new_updates, inner_state, acc = jax.lax.cond(emit, step_inner, accumulate, mean, state.inner_opt_state)
+        return new_updates, state._replace(
+            mini_step=optax.safe_increment(n) % self.every_k,
+            gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step), state.gradient_step),
+            inner_opt_state=inner_state, acc_grads=jax.tree.map(lambda a, old: a.astype(old.dtype), acc,
+                                                                state.acc_grads))
 
 
 def make_optimizer(config: Mapping, *, lr: float | None = None, grad_accum_steps: int = 1) -> GradientAccumulation:
