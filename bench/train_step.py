@@ -190,9 +190,10 @@ def torch_worker(spec):
     t0 = C.time.perf_counter()
     run()
     first = C.time.perf_counter() - t0
+    first_loss = state['loss']  # the timed steps overwrite state['loss']; the report compares first steps
     t, times = C.median_time(run, timed_steps(spec, first))
     pipelined = C.pipelined_time(lambda: run(sync=False), lambda _: C.torch_sync(spec['gpu']), len(times))
-    result = dict(time=t, times=times, pipelined=pipelined, loss=state['loss'],
+    result = dict(time=t, times=times, pipelined=pipelined, loss=first_loss,
                   ceiling=C.torch_matmul_ceiling(spec['gpu']), threads=torch.get_num_threads(),
                   **C.torch_gpu_memory(spec['gpu']))
     if spec['profile']:

@@ -95,6 +95,22 @@ def test_step_flops_counted_on_the_cpu_match_the_bf16_step(tmp_path):
     assert counted['flops'] > 1e8 and abs(counted['flops'] / bf16 - 1) < 0.01
 
 
+def test_torch_step_reports_its_first_steps_loss_however_many_steps_are_timed(tmp_path):
+    """The report's "first-step loss" on the PyTorch side is the first step's, whatever number of steps --target-s
+    leaves to time (the worker runs in-process here, once timing 2 steps and once 10)."""
+    sys.path.insert(0, str(ROOT / 'bench'))
+    import _common as C
+    import numpy as np
+    from train_step import torch_worker
+    weights = C.write_weights('demo', tmp_path / 'w.npz')
+    np.savez(tmp_path / 'batch.npz', **C.train_batch('demo', 2))
+    spec = dict(side='torch', gpu=False, dtype='float32', profile=None, config='demo', weights=str(weights),
+                batch=str(tmp_path / 'batch.npz'))
+    few, many = (torch_worker({**spec, 'target_s': target_s}) for target_s in (0., 1e6))
+    assert (len(few['times']), len(many['times'])) == (2, 10)
+    assert few['loss'] == many['loss'] and np.isfinite(few['loss'])
+
+
 def test_gpu_trace_summary():
     """bench/gpu_trace.py's table: per-step times, families from kernel names, shares of the busy time."""
     sys.path.insert(0, str(ROOT / 'bench'))
