@@ -36,8 +36,8 @@ def jax_worker(spec):
     indices = jnp.arange(spec['batch'], dtype=jnp.uint32)
     # The arguments exactly as api.sample() passes them to its jitted driver.
     t0 = C.time.perf_counter()
-    lowered = api._run.lower(state, x, sigmas, jnp.uint32(0), indices, {}, {}, model_def=model_def,
-                             sampler=spec['sampler'], static_kwargs=(), callback=None)
+    lowered = api.sampling_program().lower(state, x, sigmas, jnp.uint32(0), indices, {}, {}, model_def=model_def,
+                                           sampler=spec['sampler'], static_kwargs=(), callback=None)
     lower_s = C.time.perf_counter() - t0
     t0 = C.time.perf_counter()
     lowered.compile()

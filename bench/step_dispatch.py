@@ -5,7 +5,7 @@
   .venv/bin/python bench/step_dispatch.py --config demo --batch 8          # the same on the CPU
 
 The same train step (`make_train_step`) is compiled once per variant as train.py compiles it (`jit_train_step`: state
-replicated over the 1-device data mesh and donated, batch split over it, `train_step_compiler_options`); only its
+replicated over the 1-device data mesh and donated, batch split over it, `cpu_compiler_options`); only its
 calling convention, and optionally an XLA option, differ. Each form holds the same arrays in the same order:
   nnx      the TrainState with nnx.State fields (each leaf an nnx Variable, flattened and rebuilt in Python per call)
   pure     the same TrainState with plain nested dicts in place of the nnx.State fields (flattened in C++)

@@ -1,5 +1,6 @@
-"""The training step's XLA options: on the CPU its convolutions (the kernel gradients among them) leave YNNPACK for
-XLA's Eigen kernels, with the same result; an XLA_FLAGS choice or a jaxlib without the option keeps XLA's defaults."""
+"""kdiff_jax's XLA options: on the CPU the training step's convolutions (the kernel gradients among them) and the
+sampling loop's leave YNNPACK for XLA's Eigen kernels, with the same result; an XLA_FLAGS choice or a jaxlib without
+the option keeps XLA's defaults."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdiff_jax.training import compiler_options
+from kdiff_jax import compiler_options
+from kdiff_jax.sampling import api, get_sigmas, sample
 from kdiff_jax.training.sharding import data_mesh, jit_train_step, replicate, shard_batch
 
 
@@ -33,9 +35,9 @@ def convolutions_in_ynn_fusions(hlo: str) -> tuple[int, int]:
 
 @pytest.fixture(autouse=True)
 def fresh_options():
-    compiler_options.train_step_compiler_options.cache_clear()
+    compiler_options.cpu_compiler_options.cache_clear()
     yield
-    compiler_options.train_step_compiler_options.cache_clear()
+    compiler_options.cpu_compiler_options.cache_clear()
 
 
 def _state_and_batch(mesh):
@@ -47,7 +49,7 @@ def _state_and_batch(mesh):
 
 def test_cpu_train_step_convolutions_leave_ynnpack_with_the_same_result():
     assert jax.default_backend() == 'cpu'
-    assert compiler_options.train_step_compiler_options() == compiler_options.YNN_WITHOUT_CONVOLUTIONS
+    assert compiler_options.cpu_compiler_options() == compiler_options.YNN_WITHOUT_CONVOLUTIONS
     mesh = data_mesh(jax.devices()[:1])
     state, batch = _state_and_batch(mesh)
     ours = jit_train_step(conv_train_step, mesh, state)
@@ -62,18 +64,42 @@ def test_cpu_train_step_convolutions_leave_ynnpack_with_the_same_result():
     np.testing.assert_allclose(new_state['w'], expected['w'], rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_sampling_loop_convolutions_leave_ynnpack_with_the_same_result():
+    """`sample`'s compiled driver takes the same options: a denoiser with a 3×3 convolution, 5 Euler steps."""
+    api.sampling_program.cache_clear()
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.standard_normal((3, 3, 32, 32)).astype(np.float32) * 0.1)
+
+    def denoiser(x, sigma):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return x / (1 + sigma[:, None, None, None] ** 2) + 0.1 * jnp.tanh(y)
+
+    x = jnp.asarray(rng.standard_normal((2, 16, 16, 32)).astype(np.float32)) * 10.
+    sigmas = get_sigmas('karras', 5, 0.1, 10.)
+    args = (None, x, sigmas, jnp.uint32(0), jnp.arange(2, dtype=jnp.uint32), {}, {})
+    static = dict(model_def=denoiser, sampler='euler', static_kwargs=(), callback=None)
+    in_ynn, total = convolutions_in_ynn_fusions(api.sampling_program().lower(*args, **static).compile().as_text())
+    assert total >= 1 and in_ynn == 0, (in_ynn, total)
+    xla_default = jax.jit(api._run, static_argnames=tuple(static))
+    in_ynn, total = convolutions_in_ynn_fusions(xla_default.lower(*args, **static).compile().as_text())
+    assert in_ynn == total >= 1, (in_ynn, total)
+    np.testing.assert_allclose(sample(denoiser, x, sigmas, 'euler'), xla_default(*args, **static), rtol=1e-5,
+                               atol=1e-5)
+    api.sampling_program.cache_clear()
+
+
 def test_xla_flags_choice_wins(monkeypatch):
     monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=individual_dot')
-    assert compiler_options.train_step_compiler_options() == {}
+    assert compiler_options.cpu_compiler_options() == {}
 
 
 def test_a_jaxlib_without_the_option_keeps_its_defaults(monkeypatch):
     monkeypatch.setattr(compiler_options, 'YNN_WITHOUT_CONVOLUTIONS',
                         {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_NOT_IN_THIS_JAXLIB'})
-    assert compiler_options.train_step_compiler_options() == {}
+    assert compiler_options.cpu_compiler_options() == {}
     monkeypatch.setattr(compiler_options, 'YNN_WITHOUT_CONVOLUTIONS', {'xla_cpu_option_not_in_this_jaxlib': 'x'})
-    compiler_options.train_step_compiler_options.cache_clear()
-    assert compiler_options.train_step_compiler_options() == {}
+    compiler_options.cpu_compiler_options.cache_clear()
+    assert compiler_options.cpu_compiler_options() == {}
 
 
 def test_extra_compiler_options_reach_the_compiler_beside_the_defaults():

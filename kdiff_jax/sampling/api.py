@@ -4,10 +4,11 @@
     x = initial_noise(sample_keys(seed, indices), (n, 64, 64, 3)) * sigmas[0]
     samples = sample(denoiser, x, sigmas, 'dpmpp_2m', seed=seed, indices=indices)
 
-`sample` runs a sampler under `jax.jit`: an NNX module is split (`nnx.split`) into its graph definition (static) and
-its state (an argument), so the compiled program is cached per (model structure, sampler, static options, shapes):
-a new seed, new weights of the same shapes, or a new σ array of the same length reuse it. x may be sharded over a
-1-D mesh along its batch axis (`NamedSharding`); the result has x's sharding, and each sample's noise depends only
+`sample` runs a sampler under `jax.jit` (`sampling_program`, with `compiler_options.cpu_compiler_options`): an NNX
+module is split (`nnx.split`) into its graph definition (static) and its state (an argument), so the compiled
+program is cached per (model structure, sampler, static options, shapes): a new seed, new weights of the same
+shapes, or a new σ array of the same length reuse it. x may be sharded over a 1-D mesh along its batch axis
+(`NamedSharding`); the result has x's sharding, and each sample's noise depends only
 on (seed, its index), never on the batch size or the number of devices.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ..compiler_options import cpu_compiler_options
 from . import schedules
 from .noise import sample_keys
 from .samplers import SAMPLERS
@@ -71,7 +73,6 @@ def _is_array(v) -> bool:
     return isinstance(v, (jax.Array, np.ndarray))
 
 
-@functools.partial(jax.jit, static_argnames=('model_def', 'sampler', 'static_kwargs', 'callback'))
 def _run(state, x, sigmas, seed, indices, extra_args, dynamic_kwargs, *, model_def, sampler, static_kwargs,
          callback):
     model = nnx.merge(model_def, state) if state is not None else model_def
@@ -85,6 +86,14 @@ def _run(state, x, sigmas, seed, indices, extra_args, dynamic_kwargs, *, model_d
                       **kwargs)
         return fn(model, x, sigma_min, sigma_max, extra_args=extra_args, callback=callback, **kwargs)
     return fn(model, x, sigmas, extra_args=extra_args, callback=callback, **kwargs)
+
+
+@functools.cache
+def sampling_program() -> Callable:
+    """The jitted sampling driver that `sample` calls (one jit, so its compilation cache is shared), compiled with
+    `cpu_compiler_options()`: on XLA:CPU the model's convolutions run on Eigen rather than YNNPACK."""
+    return jax.jit(_run, static_argnames=('model_def', 'sampler', 'static_kwargs', 'callback'),
+                   compiler_options=cpu_compiler_options())
 
 
 def _batch_sharding(x):
@@ -129,5 +138,5 @@ def sample(denoiser, x, sigmas, sampler: str = 'dpmpp_2m', *, seed: int = 0, ind
         indices = jax.device_put(indices, batch)
         state, sigmas, seed = jax.device_put((state, sigmas, seed), replicated)
     extra_args = {} if extra_args is None else dict(extra_args)
-    return _run(state, x, sigmas, seed, indices, extra_args, dynamic, model_def=model_def, sampler=name,
-                static_kwargs=static, callback=callback)
+    return sampling_program()(state, x, sigmas, seed, indices, extra_args, dynamic, model_def=model_def, sampler=name,
+                              static_kwargs=static, callback=callback)

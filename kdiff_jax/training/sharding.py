@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .compiler_options import train_step_compiler_options
+from ..compiler_options import cpu_compiler_options
 
 DATA_AXIS = 'data'
 
@@ -44,9 +44,9 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
 def jit_train_step(train_step: Callable, mesh: Mesh, state,
                    extra_compiler_options: Mapping[str, str] | None = None) -> Callable:
     """`train_step` compiled with the state replicated (and donated) and the batch split over `mesh`, with
-    `train_step_compiler_options()` (on XLA:CPU, convolutions by Eigen rather than YNNPACK) and, over them,
+    `cpu_compiler_options()` (on XLA:CPU, convolutions by Eigen rather than YNNPACK) and, over them,
     `extra_compiler_options` (XLA options to try, e.g. bench/step_dispatch.py's variants)."""
     state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
     return jax.jit(train_step, in_shardings=(state_sharding, batch_sharded(mesh)),
                    out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0,
-                   compiler_options={**train_step_compiler_options(), **(extra_compiler_options or {})})
+                   compiler_options={**cpu_compiler_options(), **(extra_compiler_options or {})})
