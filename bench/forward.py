@@ -8,11 +8,13 @@ repeats after a warm-up call, as many repeats as fit in --target-s, 2 to 10), XL
 memory, the FLOPs of one image-evaluation (XLA's cost analysis of the compiled forward, counted once and used for
 both sides) and the achieved GFLOP/s next to this machine's fp32 matmul ceiling (2048² matmul, each framework's
 own). "rel err" is ‖D_jax − D_torch‖ / ‖D_torch‖ on the benchmark input: both sides computed the same function.
+kdiff_jax's forward is compiled with the XLA options its sampling loop uses (`kdiff_jax.compiler_options`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -25,12 +27,13 @@ def jax_worker(spec):
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
+    from kdiff_jax.compiler_options import cpu_compiler_options
     from kdiff_jax.factory import make_denoiser
     jax.config.update('jax_enable_compilation_cache', False)
     config, model = C.jax_model(spec['config'], spec['weights'])
     graphdef, state = nnx.split(make_denoiser(config, model))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=cpu_compiler_options())
     def forward(state, x, sigma):
         return nnx.merge(graphdef, state)(x, sigma)
 
