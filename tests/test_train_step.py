@@ -231,26 +231,34 @@ def test_two_processes_train_the_same_parameters_as_one(one_device_params, tmp_p
     assert_params_close(dict(np.load(tmp_path / 'two.npz')), one_device_params)
 
 
+def steps_against_multisteps(tx, every_k: int, steps: int, seed: int):
+    """Run `tx` and optax.MultiSteps(tx.inner_opt, every_k) side by side on the same random gradients, asserting
+    equal updates and state at each step. Returns (initial params, our final state, has_updated after each step)."""
+    reference = optax.MultiSteps(tx.inner_opt, every_k_schedule=every_k)
+    rng = np.random.default_rng(seed)
+    params = {'w': jnp.asarray(rng.standard_normal((5, 7)), jnp.float32), 'b': jnp.zeros((7,), jnp.float32)}
+    ours_state, ref_state = tx.init(params), reference.init(params)
+    assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
+    p, applied = params, []
+    for _ in range(steps):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), p)
+        ours, ours_state = jax.jit(tx.update)(grads, ours_state, p)
+        ref, ref_state = jax.jit(reference.update)(grads, ref_state, p)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max()),
+                     (ours, ours_state), (ref, ref_state))
+        applied.append(bool(tx.has_updated(ours_state)))
+        p = optax.apply_updates(p, ours)
+    return params, ours_state, applied
+
+
 def test_one_micro_batch_update_equals_optax_multisteps():
     """At grad_accum_steps = 1 our optimizer's update (which skips the accumulator) gives optax.MultiSteps' updates
     and state over several steps (to float rounding: XLA fuses the two programs differently), and from a state
     left mid-accumulation by a k = 3 run it applies the first gradient at once."""
     config = tiny_config()
     tx = make_optimizer(config)
-    reference = optax.MultiSteps(tx.inner_opt, every_k_schedule=1)
-    rng = np.random.default_rng(0)
-    params = {'w': jnp.asarray(rng.standard_normal((5, 7)), jnp.float32), 'b': jnp.zeros((7,), jnp.float32)}
-    ours_state, ref_state = tx.init(params), reference.init(params)
-    assert jax.tree.structure(ours_state) == jax.tree.structure(ref_state)
-    p = params
-    for _ in range(3):
-        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), p)
-        ours, ours_state = jax.jit(tx.update)(grads, ours_state, p)
-        ref, ref_state = jax.jit(reference.update)(grads, ref_state, p)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max()),
-                     (ours, ours_state), (ref, ref_state))
-        p = optax.apply_updates(p, ours)
-    assert int(ours_state.gradient_step) == 3 and bool(tx.has_updated(ours_state))
+    params, ours_state, applied = steps_against_multisteps(tx, 1, 3, seed=0)
+    assert applied == [True] * 3 and int(ours_state.gradient_step) == 3
     mid = optax.MultiSteps(tx.inner_opt, every_k_schedule=3)
     _, mid_state = mid.update(jax.tree.map(jnp.ones_like, params), mid.init(params), params)
     assert int(mid_state.mini_step) == 1
@@ -265,19 +273,7 @@ def test_accumulating_update_equals_optax_multisteps():
     AdamW step at each third."""
     config = tiny_config()
     tx = make_optimizer(config, grad_accum_steps=3)
-    reference = optax.MultiSteps(tx.inner_opt, every_k_schedule=3)
-    rng = np.random.default_rng(1)
-    params = {'w': jnp.asarray(rng.standard_normal((5, 7)), jnp.float32), 'b': jnp.zeros((7,), jnp.float32)}
-    ours_state, ref_state = tx.init(params), reference.init(params)
-    p, applied = params, []
-    for _ in range(7):
-        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), p)
-        ours, ours_state = jax.jit(tx.update)(grads, ours_state, p)
-        ref, ref_state = jax.jit(reference.update)(grads, ref_state, p)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max()),
-                     (ours, ours_state), (ref, ref_state))
-        applied.append(bool(tx.has_updated(ours_state)))
-        p = optax.apply_updates(p, ours)
+    _, ours_state, applied = steps_against_multisteps(tx, 3, 7, seed=1)
     assert applied == [False, False, True, False, False, True, False]
     assert int(ours_state.gradient_step) == 2 and int(ours_state.mini_step) == 1
     assert float(jnp.abs(ours_state.acc_grads['w']).max()) > 0
