@@ -8,7 +8,7 @@ repeats after a warm-up call, as many repeats as fit in --target-s, 2 to 10), XL
 memory, the FLOPs of one image-evaluation (XLA's cost analysis of the compiled forward, counted once and used for
 both sides) and the achieved GFLOP/s next to this machine's fp32 matmul ceiling (2048² matmul, each framework's
 own). "rel err" is ‖D_jax − D_torch‖ / ‖D_torch‖ on the benchmark input: both sides computed the same function.
-kdiff_jax's forward is compiled with the XLA options its sampling loop uses (`kdiff_jax.compiler_options`).
+kdiff_jax's forward is compiled with the XLA options of its sampling loop (`kdiff_jax.compiler_options`).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from .schedules import make_lr_schedule
 class GradientAccumulation(optax.MultiSteps):
     """`optax.MultiSteps` (its state, running mean and counters) with an update that XLA can run in place.
 
-    At k > 1 micro-batches per step, acc ← acc + (g − acc)/(n + 1) for n = 0 … k − 1 (MultiSteps' running mean); at
-    n = k − 1 the inner optimizer steps on that mean and acc resets to 0. The inner step is a `lax.cond` branch taken
-    only then; the other k − 1 micro-steps return zero updates and leave its state as it was.
+    At k > 1 micro-batches per step, acc ← acc + (g − acc)/(n + 1) for n = 0 … k − 1 (MultiSteps' running mean);
+    at n = k − 1 the inner optimizer steps on that mean and acc resets to 0. The inner step is a `lax.cond` branch
+    taken only then; the other k − 1 micro-steps return zero updates and leave its state as it was.
     At k = 1 the mean of one gradient is g and the accumulator stays 0, so the update calls the inner optimizer on g
     directly and advances `gradient_step`. Both give MultiSteps' updates and state (tests/test_train_step.py: equal
     to float rounding, as XLA fuses the programs differently), so checkpoints move between k = 1 and k > 1 runs.
