@@ -4,6 +4,7 @@ the option keeps XLA's defaults."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -86,6 +87,25 @@ def test_cpu_sampling_loop_convolutions_leave_ynnpack_with_the_same_result():
     np.testing.assert_allclose(sample(denoiser, x, sigmas, 'euler'), xla_default(*args, **static), rtol=1e-5,
                                atol=1e-5)
     api.sampling_program.cache_clear()
+
+
+def test_cpu_inception_features_convolutions_leave_ynnpack_with_the_same_result():
+    """evaluate.py's Inception features (`jit_extract_features`) take the same options."""
+    from flax import nnx
+    from kdiff_jax.evaluation.inception import InceptionV3, extract_features, jit_extract_features
+    rng = np.random.default_rng(2)
+    init = lambda shape: jnp.asarray(rng.uniform(0.01, 0.05, shape), jnp.float32)  # noqa: E731 (BN variances > 0)
+    graphdef, state = nnx.split(InceptionV3(init=init))
+    images = jnp.asarray(rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32))
+    ours = jit_extract_features(graphdef)
+    in_ynn, total = convolutions_in_ynn_fusions(ours.lower(state, images).compile().as_text())
+    assert total >= 40 and in_ynn == 0, (in_ynn, total)
+    xla_default = jax.jit(functools.partial(extract_features, graphdef))
+    in_ynn, total = convolutions_in_ynn_fusions(xla_default.lower(state, images).compile().as_text())
+    assert in_ynn == total >= 40, (in_ynn, total)
+    expected = xla_default(state, images)
+    assert float(jnp.abs(expected).max()) > 0
+    np.testing.assert_allclose(ours(state, images), expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
 
 
 def test_xla_flags_choice_wins(monkeypatch):

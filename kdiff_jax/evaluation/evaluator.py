@@ -8,7 +8,6 @@ un-augmented training images of the seeded stream (`data.pipeline.make_eval_imag
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..generate import sample_batches
 from ..training.sharding import replicate
-from .inception import FIDFeatureExtractor, extract_features
+from .inception import FIDFeatureExtractor, jit_extract_features
 from .metrics import fid, kid
 
 class FeatureSet:
@@ -30,8 +29,7 @@ class FeatureSet:
         self.batch_size = max(mesh.size, -(-batch_size // mesh.size) * mesh.size)  # a multiple of the devices
         self.batch_sharding = NamedSharding(mesh, P('data'))
         self.state = replicate(extractor.state, mesh)  # the weights on every device (of every host)
-        self._features = jax.jit(functools.partial(extract_features, extractor.graphdef),
-                                 out_shardings=NamedSharding(mesh, P()))
+        self._features = jit_extract_features(extractor.graphdef, out_shardings=NamedSharding(mesh, P()))
 
     def of_batches(self, batches: Iterator[jax.Array], n: int, desc: str) -> np.ndarray:
         """Features [n, 2048] of the first n images of `batches` (each [batch_size, H, W, C], sharded)."""
