@@ -1,6 +1,6 @@
-"""kdiff_jax's XLA options: on the CPU the training step's convolutions (the kernel gradients among them) and the
-sampling loop's leave YNNPACK for XLA's Eigen kernels, with the same result; an XLA_FLAGS choice or a jaxlib without
-the option keeps XLA's defaults."""
+"""kdiff_jax's XLA options: on the CPU the convolutions of the training step (the kernel gradients among them), the
+sampling loop and the Inception features leave YNNPACK for XLA's Eigen kernels, with the same result; an XLA_FLAGS
+choice or a jaxlib without the option keeps XLA's defaults."""
 
 from __future__ import annotations
 
