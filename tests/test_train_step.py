@@ -233,7 +233,8 @@ def test_two_processes_train_the_same_parameters_as_one(one_device_params, tmp_p
 
 def steps_against_multisteps(tx, every_k: int, steps: int, seed: int):
     """Run `tx` and optax.MultiSteps(tx.inner_opt, every_k) side by side on the same random gradients, asserting
-    equal updates and state at each step. Returns (initial params, our final state, has_updated after each step)."""
+    equal updates and state at each step, and that `tx.apply` gives the parameters those updates make.
+    Returns (initial params, our final state, has_updated after each step)."""
     reference = optax.MultiSteps(tx.inner_opt, every_k_schedule=every_k)
     rng = np.random.default_rng(seed)
     params = {'w': jnp.asarray(rng.standard_normal((5, 7)), jnp.float32), 'b': jnp.zeros((7,), jnp.float32)}
@@ -242,12 +243,15 @@ def steps_against_multisteps(tx, every_k: int, steps: int, seed: int):
     p, applied = params, []
     for _ in range(steps):
         grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), p)
+        before = ours_state
         ours, ours_state = jax.jit(tx.update)(grads, ours_state, p)
         ref, ref_state = jax.jit(reference.update)(grads, ref_state, p)
+        applied_params, applied_state = jax.jit(tx.apply)(grads, before, p)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max()),
-                     (ours, ours_state), (ref, ref_state))
+                     (ours, ours_state, applied_state), (ref, ref_state, ref_state))
         applied.append(bool(tx.has_updated(ours_state)))
         p = optax.apply_updates(p, ours)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), applied_params, p)
     return params, ours_state, applied
 
 

@@ -22,7 +22,8 @@ class GradientAccumulation(optax.MultiSteps):
 
     At k > 1 micro-batches per step, acc ← acc + (g − acc)/(n + 1) for n = 0 … k − 1 (MultiSteps' running mean);
     at n = k − 1 the inner optimizer steps on that mean and acc resets to 0. The inner step is a `lax.cond` branch
-    taken only then; the other k − 1 micro-steps return zero updates and leave its state as it was.
+    taken only then; the other k − 1 micro-steps return zero updates and leave its state as it was. `apply` returns
+    the new parameters instead of updates (the train step's form): there those k − 1 micro-steps do not touch them.
     At k = 1 the mean of one gradient is g and the accumulator stays 0, so the update calls the inner optimizer on g
     directly and advances `gradient_step`. Both give MultiSteps' updates and state (tests/test_train_step.py: equal
     to float rounding, as XLA fuses the programs differently), so checkpoints move between k = 1 and k > 1 runs.
@@ -30,8 +31,10 @@ class GradientAccumulation(optax.MultiSteps):
     0, where MultiSteps would spend that step finishing the old mean and apply nothing.
     Why by hand: MultiSteps' update, written for any k, runs the inner optimizer on every micro-batch and selects
     between old and new state with `where(emit, …)`; that keeps XLA from updating the donated AdamW moments and
-    accumulator in place, and it copies all three every micro-step (567 MiB for cars64). The optimizer's part of a
-    cars64 micro-step took 280–290 ms with MultiSteps at k = 2 and 4, 175–190 ms so (bench/RESULTS.md).
+    accumulator in place, and it copies all three every micro-step (567 MiB for cars64). How the branches are
+    written decides which arrays XLA copies (measured on the compiled cars64 step, bench/RESULTS.md): the running
+    mean is computed inside each branch, not before the `cond` (else it is copied into the accumulator), and the
+    reset after a step is a pass over acc (0·acc), not a fresh array of zeros (else that is built, then copied).
     """
 
     def __init__(self, inner: optax.GradientTransformation, every_k: int):
@@ -39,29 +42,47 @@ class GradientAccumulation(optax.MultiSteps):
         self.every_k = every_k
 
     def update(self, updates, state: optax.MultiStepsState, params=None, **extra_args):
+        """MultiSteps' `update`: the inner optimizer's updates every k-th micro-batch, zeros between."""
+        return self._every_k(updates, state, params, extra_args, on_step=lambda new_updates, params: new_updates,
+                             on_hold=lambda params: optax.tree.zeros_like(updates))
+
+    def apply(self, grads, state: optax.MultiStepsState, params):
+        """`optax.apply_updates(params, update(grads, state, params)[0])` and the new state, with the parameters
+        written only when the inner optimizer steps: a micro-batch that only accumulates leaves them as they are
+        rather than adding zeros to every one (a pass over the parameters saved per such micro-batch)."""
+        return self._every_k(grads, state, params, {},
+                             on_step=lambda new_updates, params: optax.apply_updates(params, new_updates),
+                             on_hold=lambda params: params)
+
+    def _every_k(self, updates, state, params, extra_args, on_step, on_hold):
+        """(on_step(inner updates, params) or on_hold(params), new state); the inner optimizer steps every k-th call."""
         if self.every_k == 1:
             updates, inner_state = self.inner_opt.update(updates, state.inner_opt_state, params, **extra_args)
-            return updates, state._replace(mini_step=jnp.zeros_like(state.mini_step),
-                                           gradient_step=optax.safe_increment(state.gradient_step),
-                                           inner_opt_state=inner_state)
+            return on_step(updates, params), state._replace(mini_step=jnp.zeros_like(state.mini_step),
+                                                    gradient_step=optax.safe_increment(state.gradient_step),
+                                                    inner_opt_state=inner_state)
         n = state.mini_step
-        mean = jax.tree.map(lambda g, acc: acc + (g - acc) / (n + 1), updates, state.acc_grads)
         emit = n == self.every_k - 1
 
-        def step_inner(mean, inner_state):
+        def running_mean(grads, acc):
+            return jax.tree.map(lambda g, a: (a + (g - a) / (n + 1)).astype(a.dtype), grads, acc)
+
+        def step_inner(grads, acc, inner_state, params):
+            mean = running_mean(grads, acc)
             new_updates, inner_state = self.inner_opt.update(optax.tree.cast_like(mean, updates), inner_state,
                                                              params, **extra_args)
-            return new_updates, inner_state, optax.tree.zeros_like(mean)
+            reset = jax.tree.map(lambda a: jnp.where(jnp.isfinite(a), 0 * a, 0), acc)  # 0, also where acc is not finite
+            return on_step(new_updates, params), inner_state, reset
 
-        def accumulate(mean, inner_state):
-            return optax.tree.zeros_like(updates), inner_state, mean
+        def accumulate(grads, acc, inner_state, params):
+            return on_hold(params), inner_state, running_mean(grads, acc)
 
-        new_updates, inner_state, acc = jax.lax.cond(emit, step_inner, accumulate, mean, state.inner_opt_state)
-        return new_updates, state._replace(
+        result, inner_state, acc = jax.lax.cond(emit, step_inner, accumulate, updates, state.acc_grads,
+                                                state.inner_opt_state, params)
+        return result, state._replace(
             mini_step=optax.safe_increment(n) % self.every_k,
             gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step), state.gradient_step),
-            inner_opt_state=inner_state, acc_grads=jax.tree.map(lambda a, old: a.astype(old.dtype), acc,
-                                                                state.acc_grads))
+            inner_opt_state=inner_state, acc_grads=acc)
 
 
 def make_optimizer(config: Mapping, *, lr: float | None = None, grad_accum_steps: int = 1) -> GradientAccumulation:

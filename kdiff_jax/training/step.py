@@ -4,8 +4,9 @@ For a batch of augmented images x0 with their aug_cond, at micro-step s with key
   n ~ N(0, I), σ ~ config density, L = mean_i loss_i(x0, n, σ)  (the denoiser's loss; dropout on)
   g = ∇L; if L or g is not finite the micro-batch is skipped and counted (nothing changes but the step counter; a
   `lax.cond`, so that XLA updates the donated state in place);
-  otherwise optax.MultiSteps accumulates g and every `grad_accum_steps` micro-batches applies AdamW, after which
-  EMA ← d·EMA + (1 − d)·params with d = ema_decay(#updates so far).
+  otherwise `GradientAccumulation` (optax.MultiSteps) accumulates g and every `grad_accum_steps` micro-batches
+  applies AdamW, after which EMA ← d·EMA + (1 − d)·params with d = ema_decay(#updates so far); micro-batches
+  that only accumulate write neither the parameters nor the EMA (branches again, not selects).
 Random draws have the global batch's shape, so (with JAX's partitionable threefry) they do not depend on how the
 batch is sharded: 1 and N devices train the same model.
 With `gns_groups = G ≥ 2` (train.py --gns) the gradient is the mean of G group gradients (each over B/G rows, as
@@ -25,13 +26,14 @@ from flax import nnx
 from ..densities import make_sample_density
 from ..factory import denoiser_class
 from .gns import grouped_value_and_grad, gns_update
+from .optimizer import GradientAccumulation
 from .schedules import ema_decay, make_lr_schedule
 from .state import TrainModel, TrainState
 
 Batch = Mapping[str, jax.Array]
 
 
-def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: optax.MultiSteps,
+def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: GradientAccumulation,
                          lr: float | None = None, gns_groups: int = 0) -> Callable:
     """`update(state, x0, aug_cond, noise, sigma, dropout_key) -> (state, metrics)`: the step with given draws
     (with `gns_groups` ≥ 2 also the gradient noise scale, metric 'gns')."""
@@ -59,18 +61,19 @@ def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: optax.Mul
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
 
         def apply_gradient(params, opt_state, gns):
-            updates, opt_state = tx.update(grads, opt_state, params)
+            params, opt_state = tx.apply(grads, opt_state, params)
             if gns_groups:
                 gns = gns_update(gns, sq_small, sq_large, x0.shape[0] // gns_groups, x0.shape[0])
-            return optax.apply_updates(params, updates), opt_state, gns
+            return params, opt_state, gns
 
         # a branch rather than selects between old and new: XLA then updates the donated state in place
         params, opt_state, gns = jax.lax.cond(finite, apply_gradient, lambda *unchanged: unchanged,
                                               state.params, state.opt_state, state.gns)
         updated = finite & tx.has_updated(opt_state)
         decay = ema_decay(state.ema_updates, ema_cfg['power'], ema_cfg['max_value'])
-        ema_params = jax.tree.map(lambda e, p: jnp.where(updated, e * decay + p * (1 - decay), e),
-                                  state.ema_params, params)
+        ema_params = jax.lax.cond(
+            updated, lambda ema: jax.tree.map(lambda e, p: e * decay + p * (1 - decay), ema, params),
+            lambda ema: ema, state.ema_params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params,
                                   ema_updates=state.ema_updates + updated.astype(jnp.int32),
                                   skipped=state.skipped + (~finite).astype(jnp.int32), gns=gns)
@@ -83,7 +86,7 @@ def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: optax.Mul
     return update
 
 
-def make_train_step(config: Mapping, train_model: TrainModel, tx: optax.MultiSteps, lr: float | None = None,
+def make_train_step(config: Mapping, train_model: TrainModel, tx: GradientAccumulation, lr: float | None = None,
                     gns_groups: int = 0) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step(state, batch) -> (state, metrics)` drawing noise, σ and dropout from (key, step). Not jitted."""
     update = make_loss_and_update(config, train_model, tx, lr, gns_groups)
