@@ -58,9 +58,9 @@ class GradientAccumulation(optax.MultiSteps):
         """(on_step(inner updates, params) or on_hold(params), new state); the inner optimizer steps every k-th call."""
         if self.every_k == 1:
             updates, inner_state = self.inner_opt.update(updates, state.inner_opt_state, params, **extra_args)
-            return on_step(updates, params), state._replace(mini_step=jnp.zeros_like(state.mini_step),
-                                                    gradient_step=optax.safe_increment(state.gradient_step),
-                                                    inner_opt_state=inner_state)
+            return on_step(updates, params), state._replace(
+                mini_step=jnp.zeros_like(state.mini_step), gradient_step=optax.safe_increment(state.gradient_step),
+                inner_opt_state=inner_state)
         n = state.mini_step
         emit = n == self.every_k - 1
 
