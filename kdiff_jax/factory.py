@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .denoisers import Denoiser, DenoiserWithVariance, SimpleLossDenoiser
@@ -14,6 +15,31 @@ from .variables import SAVED
 
 AUG_COND_DIM = 9
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class _RngStream(nnx.RngStream):
+    """`nnx.RngStream` with the same keys, fold_in(key, count) for count = 0, 1, …, whose counter is written whole.
+
+    flax 0.12's stream writes `count[...] += 1`; an indexed write compares the new value's `sharding` with the old
+    one's, and on a tracer jax 0.10 answers that by raising an AttributeError whose message names the tracer's origin,
+    found by a scan of every equation traced so far. Building a model under `jit`/`eval_shape` draws a key per
+    parameter, so that made construction quadratic in the model's size (cars128: 6,480 such scans; converting its
+    checkpoint took 28 s, now 12). `set_value` without an index assigns the new count directly, as the indexed write
+    ends up doing (bench/RESULTS.md, session 12)."""
+
+    def __call__(self) -> jax.Array:
+        self.count._check_can_update()
+        key = jax.random.fold_in(self.key[...], self.count[...])
+        self.count.set_value(self.count[...] + 1)
+        return key
+
+
+class _Rngs(nnx.Rngs):
+    """`nnx.Rngs(**seeds)` made of `_RngStream`s (modules that keep a stream, e.g. dropout, fork one of these)."""
+
+    def __init__(self, **seeds: int):
+        for tag, seed in seeds.items():
+            setattr(self, tag, _RngStream(seed, tag=tag))
 
 
 def _build_model(config: Mapping, rngs: nnx.Rngs) -> nnx.Module:
@@ -40,13 +66,13 @@ def make_model(config: Mapping, *, seed: int = 0, initialize: bool = True) -> nn
     `initialize=False` parameters and buffers are zeros, for callers that load every one of them next (converters,
     checkpoint loaders); only the dropout RNG streams are made, which compiles in a moment.
     """
-    build = lambda: _build_model(config, nnx.Rngs(params=seed, dropout=seed + 1))
+    build = lambda: _build_model(config, _Rngs(params=seed, dropout=seed + 1))
     if initialize:
         graphdef, _ = nnx.split(nnx.eval_shape(build))
         return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
     graphdef, saved, _ = nnx.split(nnx.eval_shape(build), SAVED, ...)
     rest = jax.jit(lambda: nnx.split(build(), SAVED, ...)[2])()
-    return nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), saved), rest)
+    return nnx.merge(graphdef, jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), saved)), rest)
 
 
 def denoiser_class(config: Mapping) -> type[Denoiser]:
@@ -69,7 +95,7 @@ def make_denoiser(config: Mapping, model: nnx.Module | None = None, **make_model
 
 def abstract_model(config: Mapping) -> nnx.Module:
     """The network of `config` with shapes only (no memory, no init compute), e.g. to restore a checkpoint into."""
-    return nnx.eval_shape(lambda: _build_model(config, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: _build_model(config, _Rngs(default=0)))
 
 
 def count_params(model: nnx.Module) -> int:
