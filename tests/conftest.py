@@ -3,4 +3,5 @@
 import os
 import tempfile
 
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='kdiff_jax_xla_cache_'))
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # set once, by the first process (pytest-xdist workers inherit it)
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='kdiff_jax_xla_cache_')
