@@ -16,8 +16,8 @@ $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# One pytest worker per core (pytest-xdist), each test file on one worker (module fixtures are built once): most of
-# the suite's time is single-threaded XLA compilation, so 2 workers on 2 cores take ~12 min instead of ~17.
+# One pytest worker per core (pytest-xdist), each test file on one worker (module fixtures are built once). The suite
+# is CPU-bound (XLA compilation, the CLI runs); on the 2-core CI VM it took 18-22 min (bench/RESULTS.md, session 12).
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
