@@ -9,7 +9,8 @@
 # to stdout and to $OUT (or bench_out/), one file per script (every batch size's training table in train_step.md).
 # Each part has its own time limit, cut to what is left of BUDGET_S (default 560 s, under the device's 600 s per
 # call): a part with under a minute left is skipped with a message, so one slow part leaves the tables before it.
-# CONFIG, BATCHES, DTYPE, SAMPLERS, GPU_FLAG, PYTHON, WHEELS and BUDGET_S override the defaults:
+# ROUNDS (default 1) is train_step.py's --rounds: each batch size's sides measured that many times, alternating.
+# CONFIG, BATCHES, DTYPE, SAMPLERS, GPU_FLAG, PYTHON, WHEELS, ROUNDS and BUDGET_S override the defaults:
 # `GPU_FLAG= WHEELS= CONFIG=demo BATCHES=2 bash bench/gpu.sh` runs the same pipeline on the CPU (tests/test_bench.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ for i in "${!batches[@]}"; do
     profile=(); [ "$i" = 0 ] && profile=(--profile "$out")  # the first batch size only: one set of traces
     t=$(limit 300 "training step at batch ${batches[$i]}") || continue
     timeout "$t" $python bench/train_step.py $gpu --config "$config" --dtype "$dtype" --batch "${batches[$i]}" \
-        --target-s 5 --max-load 1000 "${profile[@]}" 2>&1 | tee -a "$out/train_step.md"
+        --target-s 5 --rounds "${ROUNDS:-1}" --max-load 1000 "${profile[@]}" 2>&1 | tee -a "$out/train_step.md"
 done
 if t=$(limit 240 "sampling"); then
     timeout "$t" $python bench/sampling.py $gpu --config "$config" --dtype "$dtype" --batch "${batches[0]}" \

@@ -20,8 +20,8 @@ kdiff_jax's train.py runs them (it reads metrics every 25 steps); on a GPU this 
 steps. On XLA:CPU it can be slower than stepping synchronously (demo config, batch 8: 48.5 against 35.3 ms per
 step), since queued work competes with the running step for the same cores.
 
---profile DIR runs a few more steps of each side under its profiler and writes kernel summaries, the traces and the
-optimized HLO there (bench/gpu_trace.py reads them again).
+--profile DIR runs a few more steps of each side under its profiler (in the last round) and writes kernel summaries,
+the traces and the optimized HLO there (bench/gpu_trace.py reads them again).
 
 With --gpu both sides run on the GPU: kdiff_jax with the model's compute dtype bf16 (parameters, normalisation
 statistics and the loss stay fp32), PyTorch under a bf16 autocast with TF32 allowed, as k-diffusion's train.py
@@ -224,8 +224,9 @@ def main():
     for i in range(args.rounds):  # the side that goes first alternates, so a drifting machine favours neither
         res = {}
         for side in ('jax', 'torch') if i % 2 == 0 else ('torch', 'jax'):
+            last = i == args.rounds - 1  # --profile: the last round's workers only (one set of traces)
             res[side] = C.run_worker(__file__, dict(side=side, target_s=args.target_s, gpu=args.gpu, dtype=dtype,
-                                                    profile=args.profile and str(Path(args.profile).resolve()),
+                                                    profile=last and args.profile and str(Path(args.profile).resolve()),
                                                     **common))
         rounds.append((res['jax'], res['torch']))
     j, t = rounds[-1]
