@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     import jax
     from kdiff_jax.evaluation import evaluator as E
-    from kdiff_jax.evaluation.inception import FIDFeatureExtractor
+    from kdiff_jax.evaluation.inception import FIDFeatureExtractor, resolve_inception_path
     from kdiff_jax.generate import TORCH_SUFFIXES, SamplingPlan, is_checkpoint, load_any_denoiser
     from kdiff_jax.training.sharding import data_mesh
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     try:
         if args.n < 2:
             raise ValueError(f'-n must be >= 2, got {args.n}')
-        extractor = FIDFeatureExtractor.load(args.inception_weights)  # first: a missing file fails fast
+        inception_weights = resolve_inception_path(args.inception_weights)  # first: a missing file fails fast
         if _is_config(reals):
             reals_config = load_config(str(reals))
         elif reals.is_dir():
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
                 config = reals_config
             else:
                 raise ConfigError('two folders: pass --config for the image size and channels to compare at')
+        extractor = FIDFeatureExtractor.load(inception_weights)  # after the cheap checks of the arguments
         plan = None
         if denoiser is not None:
             m = config.model
