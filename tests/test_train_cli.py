@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,19 +79,29 @@ def test_run_writes_checkpoints_metrics_tensorboard_and_demo_grids(reference_run
     assert list((run_dir / 'tb').glob('events.out.tfevents.*'))
 
 
-def test_rerunning_the_same_command_resumes_exactly(reference_run, tmp_path):
+@pytest.fixture(scope='module')
+def half_run(tmp_path_factory):
+    """The reference run's command stopped at --end-step 4 (saved on exit); each test resumes its own copy."""
+    out = tmp_path_factory.mktemp('runs')
+    run_train(out, 'split', '--end-step', '4', '--save-every', '100')
+    return out / 'split'
+
+
+def test_rerunning_the_same_command_resumes_exactly(reference_run, half_run, tmp_path):
     ref_dir, _ = reference_run
-    run_train(tmp_path, 'split', '--end-step', '4', '--save-every', '100')
+    shutil.copytree(half_run, tmp_path / 'split')
     second = run_train(tmp_path, 'split', '--end-step', '8', '--save-every', '100')
     assert 'resumed from' in second.stdout + second.stderr and 'step 4' in second.stdout + second.stderr
     assert_same_params(final_params(tmp_path / 'split'), final_params(ref_dir))
 
 
-def test_resume_on_a_different_device_count(reference_run, tmp_path):
+def test_resume_on_a_different_device_count(reference_run, half_run, tmp_path):
+    """Steps 1-4 on 1 device, 5-8 on 2 (the state re-sharded on restore) end where the 1-device run ends."""
     ref_dir, _ = reference_run
-    run_train(tmp_path, 'devices', '--end-step', '4', devices=4)
-    run_train(tmp_path, 'devices', '--end-step', '8', devices=2)
-    assert_same_params(final_params(tmp_path / 'devices'), final_params(ref_dir), rtol=1e-4, atol=1e-6)
+    shutil.copytree(half_run, tmp_path / 'split')
+    second = run_train(tmp_path, 'split', '--end-step', '8', devices=2)
+    assert 'resumed from' in second.stdout + second.stderr and '2 device(s)' in second.stdout + second.stderr
+    assert_same_params(final_params(tmp_path / 'split'), final_params(ref_dir), rtol=1e-4, atol=1e-6)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
