@@ -18,28 +18,38 @@ COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class _RngStream(nnx.RngStream):
-    """`nnx.RngStream` with the same keys, fold_in(key, count) for count = 0, 1, …, whose counter is written whole.
+    """`nnx.RngStream` with the same keys, fold_in(key, count) for count = 0, 1, …, whose counter is written whole,
+    and computed when traced where key and count are known.
 
     flax 0.12's stream writes `count[...] += 1`; an indexed write compares the new value's `sharding` with the old
     one's, and on a tracer jax 0.10 answers that by raising an AttributeError whose message names the tracer's origin,
     found by a scan of every equation traced so far. Building a model under `jit`/`eval_shape` draws a key per
     parameter, so that made construction quadratic in the model's size (cars128: 6,480 such scans; converting its
     checkpoint took 28 s, now 12). `set_value` without an index assigns the new count directly, as the indexed write
-    ends up doing (bench/RESULTS.md, session 12)."""
+    ends up doing (bench/RESULTS.md, session 12).
+
+    `jax.ensure_compile_time_eval`: while a model is built inside `make_model`'s jit, the seeds' key and count are
+    concrete (`_Rngs` makes them so), so each parameter's key is computed then and enters the program as a constant,
+    rather than as one threefry loop per parameter for XLA to compile (cars64's initialisation compiled in 27 s,
+    now 18; bench/RESULTS.md, session 13). Where the stream holds tracers (dropout in a training step) it is traced
+    as before."""
 
     def __call__(self) -> jax.Array:
         self.count._check_can_update()
-        key = jax.random.fold_in(self.key[...], self.count[...])
-        self.count.set_value(self.count[...] + 1)
+        with jax.ensure_compile_time_eval():
+            key = jax.random.fold_in(self.key[...], self.count[...])
+            self.count.set_value(self.count[...] + 1)
         return key
 
 
 class _Rngs(nnx.Rngs):
-    """`nnx.Rngs(**seeds)` made of `_RngStream`s (modules that keep a stream, e.g. dropout, fork one of these)."""
+    """`nnx.Rngs(**seeds)` made of `_RngStream`s (modules that keep a stream, e.g. dropout, fork one of these), whose
+    keys and counters are concrete arrays even when made inside a trace."""
 
     def __init__(self, **seeds: int):
-        for tag, seed in seeds.items():
-            setattr(self, tag, _RngStream(seed, tag=tag))
+        with jax.ensure_compile_time_eval():
+            for tag, seed in seeds.items():
+                setattr(self, tag, _RngStream(seed, tag=tag))
 
 
 def _build_model(config: Mapping, rngs: nnx.Rngs) -> nnx.Module:
