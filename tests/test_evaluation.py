@@ -121,7 +121,8 @@ def test_fid_between_digit_halves_is_far_below_fid_against_noise(inception_weigh
     config = load_config(str(DEMO))
     digits = dataset_images(config, 64)
     noise = np.random.default_rng(0).uniform(-1, 1, (32, *digits.shape[1:])).astype(np.float32)
-    features = FeatureSet(FIDFeatureExtractor.load(inception_weights), data_mesh(), 8)  # evaluate.py's above: its program is cached
+    # evaluate.py's batch size in the test above: the Inception program it compiled comes from the cache
+    features = FeatureSet(FIDFeatureExtractor.load(inception_weights), data_mesh(), 8)
     first, second = features.of_array(digits[:32]), features.of_array(digits[32:])
     noise_features = features.of_array(noise)
     halves, against_noise = fid(first, second), fid(first, noise_features)
