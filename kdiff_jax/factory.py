@@ -11,6 +11,7 @@ from flax import nnx
 
 from .denoisers import Denoiser, DenoiserWithVariance, SimpleLossDenoiser
 from .models import ImageDenoiserModelV1, KarrasAugmentWrapper
+from .models.init import deferred_draws
 from .variables import SAVED
 
 AUG_COND_DIM = 9
@@ -69,6 +70,13 @@ def _build_model(config: Mapping, rngs: nnx.Rngs) -> nnx.Module:
     return model
 
 
+def _initial_state(build) -> nnx.State:
+    """The state of `build()`, its random parameters drawn one distinct shape at a time (models/init.py)."""
+    with deferred_draws() as draws:
+        model = build()
+    return draws.fill(nnx.split(model)[1])
+
+
 def make_model(config: Mapping, *, seed: int = 0, initialize: bool = True) -> nnx.Module:
     """The network for `config.model` (wrapped in KarrasAugmentWrapper if `augment_wrapper`), in eval mode.
 
@@ -79,7 +87,7 @@ def make_model(config: Mapping, *, seed: int = 0, initialize: bool = True) -> nn
     build = lambda: _build_model(config, _Rngs(params=seed, dropout=seed + 1))
     if initialize:
         graphdef, _ = nnx.split(nnx.eval_shape(build))
-        return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1])())
+        return nnx.merge(graphdef, jax.jit(lambda: _initial_state(build))())
     graphdef, saved, _ = nnx.split(nnx.eval_shape(build), SAVED, ...)
     rest = jax.jit(lambda: nnx.split(build(), SAVED, ...)[2])()
     return nnx.merge(graphdef, jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), saved)), rest)

@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .init import torch_default_init
+
 Cond = dict[str, Any]
 
-#: PyTorch's default Conv2d/Linear weight init (kaiming_uniform with a=sqrt(5)) is U(±1/sqrt(fan_in)).
-torch_default_init = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+#: Drawn per call, not deferred (models/init.py): few parameters use it, and XLA:CPU hung running two of its vmapped
+#: forms (random normal, then QR; batches of 16 at 256×768 and 256×256) in one program.
 orthogonal_init = nnx.initializers.orthogonal()
 
 
