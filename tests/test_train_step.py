@@ -127,13 +127,23 @@ def test_optimizer_steps_equal_k_diffusion_adamw(grad_accum):
             np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-7, err_msg=f'{name} {key}')
 
 
-def test_non_finite_micro_batch_is_skipped_and_counted():
-    config = tiny_config()
-    model = make_model(config)
+@pytest.fixture(scope='module')
+def dropout_update():
+    """(state, update compiled for it, one batch) for tiny_config with dropout 0.5 and no zero weights (proj_out
+    starts at zero, which would hide dropout from the loss)."""
+    config = tiny_config(**{'model.dropout_rate': 0.5})
+    model = make_model(config, seed=0)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params))
     tx = make_optimizer(config)
     train_model, state = create_train_state(model, tx, seed=0)
-    update = jax.jit(make_loss_and_update(config, train_model, tx))
-    x0, aug, noise, sigma = next(_batches(config, 1))
+    batch = next(_batches(config, 1))
+    update = jax.jit(make_loss_and_update(config, train_model, tx)).lower(state, *batch, jax.random.key(0)).compile()
+    return state, update, batch
+
+
+def test_non_finite_micro_batch_is_skipped_and_counted(dropout_update):
+    state, update, (x0, aug, noise, sigma) = dropout_update
     before = jax.tree.map(np.asarray, (state.params, state.ema_params, state.opt_state))
     bad = x0.copy()
     bad[0, 0, 0, 0] = np.nan
@@ -144,6 +154,15 @@ def test_non_finite_micro_batch_is_skipped_and_counted():
     jax.tree.map(np.testing.assert_array_equal, before, after)
     state, metrics = update(state, x0, aug, noise, sigma, jax.random.key(0))
     assert np.isfinite(float(metrics['loss'])) and int(state.ema_updates) == 1 and int(state.skipped) == 1
+
+
+def test_the_step_applies_dropout_from_one_draw_keyed_by_its_dropout_key(dropout_update):
+    """The training loss runs the model under with_dropout_noise (models/dropout.py): its only random draw is the
+    dropout noise, the loss depends on the dropout key, and the same key gives the same loss."""
+    state, update, batch = dropout_update
+    assert update.as_text().count(' while(') == 1
+    losses = [float(update(state, *batch, jax.random.key(k))[1]['loss']) for k in (0, 0, 1)]
+    assert losses[0] == losses[1] and abs(losses[2] - losses[0]) > 1e-4 * abs(losses[0]), losses
 
 
 def three_sharded_steps(process_id: int = 0, num_processes: int = 1) -> dict[str, np.ndarray]:
@@ -297,3 +316,4 @@ def test_compiled_train_step_copies_no_optimizer_state(grad_accum_steps):
                                hlo[:hlo.index('\nENTRY')])
     allowed = len(jax.tree.leaves(state.params)) if grad_accum_steps > 1 else 0
     assert len(branch_copies) <= allowed, (len(branch_copies), allowed, branch_copies[:5])
+

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .dropout import Dropout
 from .init import torch_default_init
 
 Cond = dict[str, Any]
@@ -86,9 +87,9 @@ def conv(c_in, c_out, kernel_size, *, dtype, rngs, use_bias=True, kernel_init=to
                kernel_init=kernel_init, dtype=dtype, rngs=rngs)
 
 
-def dropout2d(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+def dropout2d(rate: float, rngs: nnx.Rngs) -> Dropout:
     """`torch.nn.Dropout2d` for NHWC: whole channels are zeroed (mask shared over H and W), survivors scaled 1/(1-p)."""
-    return nnx.Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
+    return Dropout(rate, broadcast_dims=(1, 2), rngs=rngs)
 
 
 def _bcast(v):
@@ -195,7 +196,7 @@ class AdaGN(ConditionedModule):
         return (y * (1 + scale[:, None, None, :]) + shift[:, None, None, :]).astype(x.dtype)
 
 
-def attention(q, k, v, dropout: nnx.Dropout, bias=None):
+def attention(q, k, v, dropout: Dropout, bias=None):
     """Multi-head attention with k-diffusion's scaling: softmax((q·d^-¼)(k·d^-¼)ᵀ + bias) v.
 
     q: [N, Lq, H, D], k and v: [N, Lk, H, D]; logits and softmax in float32; `dropout` acts on the probabilities.
@@ -218,7 +219,7 @@ class SelfAttention2d(ConditionedModule):
         self.n_head = n_head
         self.qkv_proj = conv(c_in, c_in * 3, 1, dtype=dtype, rngs=rngs)
         self.out_proj = conv(c_in, c_in, 1, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.dropout = Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x, cond: Cond):
         n, h, w, c = x.shape
@@ -245,7 +246,7 @@ class CrossAttention2d(ConditionedModule):
         self.q_proj = conv(c_dec, c_dec, 1, dtype=dtype, rngs=rngs)
         self.kv_proj = nnx.Linear(c_enc, c_dec * 2, kernel_init=torch_default_init, dtype=dtype, rngs=rngs)
         self.out_proj = conv(c_dec, c_dec, 1, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.dropout = Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x, cond: Cond):
         n, h, w, c = x.shape

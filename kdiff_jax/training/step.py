@@ -1,7 +1,8 @@
 """One training step of k-diffusion's recipe, as a pure function compiled over a device mesh.
 
 For a batch of augmented images x0 with their aug_cond, at micro-step s with key k_s = fold_in(key, s):
-  n ~ N(0, I), σ ~ config density, L = mean_i loss_i(x0, n, σ)  (the denoiser's loss; dropout on)
+  n ~ N(0, I), σ ~ config density, L = mean_i loss_i(x0, n, σ)  (the denoiser's loss; dropout on, all its noise
+  drawn at once: models/dropout.py)
   g = ∇L; if L or g is not finite the micro-batch is skipped and counted (nothing changes but the step counter; a
   `lax.cond`, so that XLA updates the donated state in place);
   otherwise `GradientAccumulation` (optax.MultiSteps) accumulates g and every `grad_accum_steps` micro-batches
@@ -21,10 +22,10 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from ..densities import make_sample_density
 from ..factory import denoiser_class
+from ..models.dropout import with_dropout_noise
 from .gns import grouped_value_and_grad, gns_update
 from .optimizer import GradientAccumulation
 from .schedules import ema_decay, make_lr_schedule
@@ -48,9 +49,9 @@ def make_loss_and_update(config: Mapping, train_model: TrainModel, tx: GradientA
     def update(state: TrainState, x0, aug_cond, noise, sigma, dropout_key):
         def loss_fn(params, batch, key):
             model = train_model.merge(params, state.buffers, train=True)
-            nnx.reseed(model, dropout=key)
             kwargs = {'aug_cond': batch['aug_cond']} if use_aug_cond else {}
-            return denoiser_cls(model, sigma_data).loss(batch['x0'], batch['noise'], batch['sigma'], **kwargs).mean()
+            return with_dropout_noise(key, lambda: denoiser_cls(model, sigma_data).loss(
+                batch['x0'], batch['noise'], batch['sigma'], **kwargs).mean())
 
         batch = {'x0': x0, 'aug_cond': aug_cond, 'noise': noise, 'sigma': sigma}
         if gns_groups:
