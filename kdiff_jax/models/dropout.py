@@ -3,7 +3,8 @@
 XLA:CPU compiles each `jax.random` call as its own rolled threefry loop. nnx.Dropout derives a key from its RNG
 stream and draws its mask on every call, and image_v1 has a dropout after every 3×3 convolution and in every
 attention: cars64's training step held 240 such loops (80 dropouts; two key derivations and a draw each). With one
-draw it compiles in 31–36 s instead of 39–47 s on 2 CPU cores (bench/RESULTS.md, session 15).
+draw it compiled in 31–38 s (median 35) instead of 39–55 s (median 42) on 2 CPU cores (bench/RESULTS.md,
+session 15).
 
 `with_dropout_noise(key, fn)` runs `fn()` so that every `Dropout` in it in training mode takes its noise from one
 draw: `fn` is first traced abstractly (`jax.eval_shape`, nothing computed) to record each dropout's mask shape
