@@ -17,7 +17,7 @@ $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # One pytest worker per core (pytest-xdist), each test file on one worker (module fixtures are built once). The suite
-# is CPU-bound (XLA compilation, the CLI runs); on the 2-core CI VM it took 15.5-16 min (bench/RESULTS.md, sessions 14-15).
+# is CPU-bound (XLA compilation, the CLI runs); on the 2-core CI VM it took 15.5-16 min (bench/RESULTS.md, session 15).
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
