@@ -44,7 +44,7 @@ def test_one_draw_gives_each_layer_its_own_mask_with_dropout_statistics():
 
 def test_a_model_pass_compiles_one_random_draw_for_all_its_dropouts():
     """XLA:CPU compiles every jax.random draw as a loop; nnx.Dropout's per-call draws put three per dropout in a
-    program (two key derivations, one mask), which made up half of cars64's training-step compilation. Under
+    program (two key derivations, one mask): 240 loops in cars64's training step, ~7 s of its compilation. Under
     with_dropout_noise the training-mode forward holds one, and eval mode draws nothing."""
     model = make_model(small_config(dropout_rate=0.2), seed=0)
     n_dropouts = sum(isinstance(m, Dropout) for _, m in nnx.iter_graph(model))
