@@ -316,4 +316,3 @@ def test_compiled_train_step_copies_no_optimizer_state(grad_accum_steps):
                                hlo[:hlo.index('\nENTRY')])
     allowed = len(jax.tree.leaves(state.params)) if grad_accum_steps > 1 else 0
     assert len(branch_copies) <= allowed, (len(branch_copies), allowed, branch_copies[:5])
-
