@@ -38,7 +38,8 @@ class TrainModel:
     rest: nnx.State
 
     def merge(self, params, buffers, *, train: bool) -> nnx.Module:
-        # Fresh RNG-stream variables (a tree copy) so the merged model may reseed them inside the caller's trace.
+        # Fresh RNG-stream variables (a tree copy), so that a Dropout drawing from its own stream (outside
+        # with_dropout_noise, models/dropout.py) may advance it inside the caller's trace.
         rest = jax.tree.map(lambda x: x, self.rest)
         return nnx.merge(self.graphdef_train if train else self.graphdef_eval, params, buffers, rest)
 
