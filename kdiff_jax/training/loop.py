@@ -24,7 +24,7 @@ from ..images import make_grid, save_grid, to_uint8
 from .checkpointing import TrainCheckpointer, abstract_like
 from .metrics import MetricsLogger
 from .optimizer import make_optimizer
-from .sharding import data_mesh, jit_train_step, replicate, replicated, shard_batch
+from .sharding import data_mesh, jit_train_step, replicate, replicated, shard_batch, xla_owned
 from .state import TrainModel, TrainState, create_train_state
 from .step import make_train_step
 
@@ -103,13 +103,13 @@ def initial_state(opts: TrainOptions, config, tx, checkpointer: TrainCheckpointe
     target = abstract_like(state, replicated(mesh))  # the structure to restore into
     if latest is not None and not opts.resume:
         restored, data_state = checkpointer.restore(target)
-        return train_model, restored, data_state, f'resumed from {checkpointer.directory} step {latest}'
+        return train_model, xla_owned(restored), data_state, f'resumed from {checkpointer.directory} step {latest}'
     if opts.resume:
         path = Path(opts.resume)
         if path.is_dir():
             other = TrainCheckpointer(path, asynchronous=False)
             restored, data_state = other.restore(target)
-            return train_model, restored, data_state, f'resumed from {path} step {other.latest_step()}'
+            return train_model, xla_owned(restored), data_state, f'resumed from {path} step {other.latest_step()}'
         from ..interop import read_checkpoint_file
         from ..interop.torch_train import is_torch_train_checkpoint, train_state_from_torch
         ckpt = read_checkpoint_file(path)

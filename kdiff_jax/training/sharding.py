@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -28,10 +29,23 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree, mesh: Mesh):
-    """Place every array of `tree` (identical on every process) on all devices of `mesh`."""
+    """Place every array of `tree` (identical on every process) on all devices of `mesh`, in buffers that XLA
+    allocated (`xla_owned`), so that a program can take them over (donation)."""
     sharding = replicated(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
-                        tree)
+    return xla_owned(jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree))
+
+
+def xla_owned(tree):
+    """`tree` copied by one compiled program, each array keeping its sharding: every leaf is then a buffer that XLA
+    allocated and may hand to a program that donates it.
+
+    On the CPU, placing a NumPy array on the device (what `replicate`'s callback and orbax's restore do) may alias
+    the array's memory instead of copying it, when it is suitably aligned, and XLA cannot donate an aliased buffer:
+    the train step then silently copied the state on its first step, which held the state twice at that step's peak.
+    """
+    shardings = jax.tree.map(lambda x: x.sharding, tree)
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
