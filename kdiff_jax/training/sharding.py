@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -37,15 +36,16 @@ def replicate(tree, mesh: Mesh):
 
 
 def xla_owned(tree):
-    """`tree` copied by one compiled program, each array keeping its sharding: every leaf is then a buffer that XLA
-    allocated and may hand to a program that donates it.
+    """A copy of `tree` (jax Arrays) in buffers that the runtime allocated, each array keeping its sharding: a
+    program may then take them over (donation).
 
     On the CPU, placing a NumPy array on the device (what `replicate`'s callback and orbax's restore do) may alias
     the array's memory instead of copying it, when it is suitably aligned, and XLA cannot donate an aliased buffer:
     the train step then silently copied the state on its first step, which held the state twice at that step's peak.
+    `device_put(..., may_alias=False)` copies device to device, with nothing to compile (cars64's state: 0.3–0.6 s,
+    against 2.2 s for a jitted copy).
     """
-    shardings = jax.tree.map(lambda x: x.sharding, tree)
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+    return jax.device_put(tree, jax.tree.map(lambda x: x.sharding, tree), may_alias=False)
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
