@@ -28,8 +28,8 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree, mesh: Mesh):
-    """Place every array of `tree` (identical on every process) on all devices of `mesh`, in buffers that XLA
-    allocated (`xla_owned`), so that a program can take them over (donation)."""
+    """Place every array of `tree` (identical on every process) on all devices of `mesh`, in buffers that the
+    runtime allocated (`xla_owned`), so that a program can take them over (donation)."""
     sharding = replicated(mesh)
     return xla_owned(jax.tree.map(
         lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), tree))
