@@ -10,9 +10,11 @@ venv: $(STAMP)
 
 # Everything comes from requirements/lock.txt with --no-deps: exact, no resolver backtracking. torch is the CPU
 # build that pip finds on local disk; k-diffusion 0.0.15 (the test oracle) must not pull its declared deps.
-$(STAMP): requirements/lock.txt setup.cfg pyproject.toml
+# requirements/gpu_compile.txt (XLA:GPU's compiler, for bench/gpu_program.py) goes to its own folder, off sys.path.
+$(STAMP): requirements/lock.txt requirements/gpu_compile.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-deps -r requirements/lock.txt
+	$(PY) -m pip install --quiet --no-deps --target $(VENV)/gpu-compile -r requirements/gpu_compile.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -372,6 +372,12 @@ def torch_precision(spec: dict):
 
 # ---------------------------------------------------------------------------------------------------- HLO text
 
+def xla_options(options: dict[str, str]) -> dict:
+    """XLA options given as text (OPTION=VALUE on a command line) as `jax.jit(compiler_options=...)` takes them:
+    'true' and 'false' as booleans (XLA refuses the strings for its flags), everything else as given."""
+    return {k: {'true': True, 'false': False}.get(v.strip().lower(), v) for k, v in options.items()}
+
+
 def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
     """The computations of an HLO module's text (`compiled.as_text()`): name → its instruction lines."""
     computations, current = {}, None

@@ -28,6 +28,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BENCH_IDLE_
   ${PYTHON:-python3} -c 'import jax, flax, torch
 print("jax", jax.__version__, jax.devices(), "flax", flax.__version__, "torch", torch.__version__)'
 } 2>&1 | tee "$out/gpu.txt"
+# The card as XLA describes it, for compiling for it later on a machine without one (bench/gpu_program.py
+# --target-config $out/target_config.txtpb); a jaxlib whose topology has no target_config says so.
+${PYTHON:-python3} -c 'import sys, jax
+from jax._src.lib import xla_client as xc
+config = getattr(xc.get_topology_for_devices(jax.devices()[:1]), "target_config", None)
+if config is None:
+    print("this jaxlib gives no target config for", jax.devices()[0].device_kind)
+else:
+    open(sys.argv[1], "wb" if isinstance(config, bytes) else "w").write(config)
+    print("target config:", sys.argv[1])' "$out/target_config.txtpb" 2>&1 | tee -a "$out/gpu.txt"
 config=${CONFIG:-cars64} batches=(${BATCHES:-64 256}) dtype=${DTYPE:-bfloat16} gpu=${GPU_FLAG---gpu}
 python=${PYTHON:-python3} budget=${BUDGET_S:-560}
 limit() {  # limit PART_S: PART_S cut to what is left of the budget, or nothing (and a message) under a minute
@@ -46,4 +56,5 @@ if t=$(limit 240 "sampling"); then
     timeout "$t" $python bench/sampling.py $gpu --config "$config" --dtype "$dtype" --batch "${batches[0]}" \
         --repeats 2 --samplers ${SAMPLERS:-dpmpp_2m:50 heun:25} --max-load 1000 2>&1 | tee "$out/sampling.md"
 fi
-echo "GPU benchmark tables: $out/{gpu.txt,train_step.md,sampling.md}; step profiles: $out/*_train_*"
+echo "GPU benchmark tables: $out/{gpu.txt,train_step.md,sampling.md}; step profiles: $out/*_train_*;" \
+    "the card for bench/gpu_program.py: $out/target_config.txtpb"

@@ -41,15 +41,15 @@ def pure_state(state):
     return jax.tree.map(lambda x: x.to_pure_dict() if is_state(x) else x, state, is_leaf=is_state)
 
 
-def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
-    """'FORM[:OPTION=VALUE]...' → (form, XLA options)."""
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'FORM[:OPTION=VALUE]...' → (form, XLA options, `C.xla_options`)."""
     form, *options = spec.split(':')
     if form not in FORMS or not all('=' in o for o in options):
         raise SystemExit(f'bad variant {spec!r}: FORM[:OPTION=VALUE]..., FORM one of {", ".join(FORMS)}')
-    return form, dict(o.split('=', 1) for o in options)
+    return form, C.xla_options(dict(o.split('=', 1) for o in options))
 
 
-def variant_step(train_step, nnx_def, form: str, mesh, example, options: dict[str, str]):
+def variant_step(train_step, nnx_def, form: str, mesh, example, options: dict):
     """`train_step` taking and returning the state in `form` ('nnx', 'pure' or 'leaves'; `example` is the state in
     that form), compiled by `jit_train_step` with `options` added. The pure and flat forms are turned back into the
     nnx TrainState inside the trace (same leaf order), so every variant computes the same step."""
