@@ -133,12 +133,19 @@ def static_traffic(hlo_text: str) -> dict:
     convolutions, whether custom calls or cuDNN fusions, and cuBLAS)."""
     from gpu_trace import hlo_fusions
     computations = C.hlo_computations(hlo_text)
+    fusion = re.compile(r'\s*(?:ROOT )?%([\w.\-]+) = .* fusion\(.*calls=%([\w.\-]+)')
+    calls_of = {name: [m.groups() for line in lines if (m := fusion.match(line))] for name, lines in computations.items()}
+    fused = {called for pairs in calls_of.values() for _, called in pairs}  # bodies of fusions, not kernels
     with_convolution = {name for name, lines in computations.items() if any(' convolution(' in s for s in lines)}
-    library_fusions = {re.sub(r'[.\-]', '_', m.group(1)) for m in re.finditer(
-        r'%([\w.\-]+) = .* fusion\(.*calls=%([\w.\-]+)', hlo_text) if m.group(2) in with_convolution}
+    kernels, library_fusions = set(), set()
+    for name, pairs in calls_of.items():
+        if name not in fused:  # a fusion nested in another (Triton's block-level fusions) is part of its kernel
+            for instruction, called in pairs:
+                key = re.sub(r'[.\-]', '_', instruction)
+                (library_fusions if called in with_convolution else kernels).add(key)
     kinds = collections.defaultdict(lambda: [0, 0])
     for name, (kind, nbytes) in hlo_fusions(hlo_text).items():
-        if name not in library_fusions:
+        if name in kernels:
             kinds[kind][0] += 1
             kinds[kind][1] += nbytes
     calls = collections.Counter()

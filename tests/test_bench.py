@@ -31,6 +31,8 @@ def test_gpu_script_pipeline_on_the_cpu(tmp_path):
     proc = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu.sh')], capture_output=True, text=True, cwd=ROOT,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # on a GPU, the card's description for bench/gpu_program.py; the CPU's topology has none, which it says
+    assert 'this jaxlib gives no target config for cpu' in (tmp_path / 'gpu.txt').read_text()
     train = (tmp_path / 'train_step.md').read_text()
     assert 'bfloat16' in train.splitlines()[0]
     rows = [line.strip('|').split('|') for line in train.splitlines() if line.startswith('| demo | 2 |')]
