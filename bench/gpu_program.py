@@ -134,7 +134,8 @@ def static_traffic(hlo_text: str) -> dict:
     from gpu_trace import hlo_fusions
     computations = C.hlo_computations(hlo_text)
     fusion = re.compile(r'\s*(?:ROOT )?%([\w.\-]+) = .* fusion\(.*calls=%([\w.\-]+)')
-    calls_of = {name: [m.groups() for line in lines if (m := fusion.match(line))] for name, lines in computations.items()}
+    calls_of = {name: [m.groups() for line in lines if (m := fusion.match(line))]
+                for name, lines in computations.items()}
     fused = {called for pairs in calls_of.values() for _, called in pairs}  # bodies of fusions, not kernels
     with_convolution = {name for name, lines in computations.items() if any(' convolution(' in s for s in lines)}
     kernels, library_fusions = set(), set()

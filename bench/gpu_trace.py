@@ -150,7 +150,9 @@ def shape_bytes(shape: str) -> int:
 def hlo_fusions(hlo_text: str) -> dict[str, tuple[str, int]]:
     """{kernel name: (kind, bytes)} for each fusion instruction of an optimized HLO module: its kind from the ops of
     the computation it calls (FUSION_KINDS), and the bytes it must move at least (operands read once, outputs
-    written once). XLA:GPU names a fusion's kernel after the instruction, with '.' and '-' as '_'."""
+    written once; an operand that the fusion only slices counts the slices' bytes, since the kernel reads just
+    those: e.g. one parameter's gradient cut from a GEMM's output that holds many). XLA:GPU names a fusion's kernel
+    after the instruction, with '.' and '-' as '_'."""
     computations = C.hlo_computations(hlo_text)
     instr = re.compile(r'\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$')
     shapes, fusions = {}, {}
@@ -168,9 +170,26 @@ def hlo_fusions(hlo_text: str) -> dict[str, tuple[str, int]]:
                if (m := instr.match(line))}
         kind = next((k for k, needs in FUSION_KINDS if needs <= ops), 'other elementwise')
         operands = re.findall(r'%([\w.\-]+)', rest.split(')', 1)[0])
-        nbytes = shape_bytes(shape) + sum(shape_bytes(shapes.get(o, '')) for o in operands)
+        read = _bytes_read(computations.get(calls.group(1), []) if calls else [], instr)
+        nbytes = shape_bytes(shape) + sum(read.get(i, shape_bytes(shapes.get(o, ''))) for i, o in enumerate(operands))
         out[re.sub(r'[.\-]', '_', name)] = (kind, nbytes)
     return out
+
+
+def _bytes_read(body: list[str], instr: re.Pattern) -> dict[int, int]:
+    """{parameter number: bytes} for the parameters of a fused computation that are used only by `slice`s: the
+    bytes of those slices (at most the parameter's own)."""
+    params, users = {}, collections.defaultdict(list)
+    for line in body:
+        m = instr.match(line)
+        if not m:
+            continue
+        if m.group(3) == 'parameter':
+            params[m.group(1)] = (int(re.match(r'\s*(\d+)', m.group(4)).group(1)), shape_bytes(m.group(2)))
+        for operand in re.findall(r'%([\w.\-]+)', m.group(4).split(')', 1)[0]):
+            users[operand].append((m.group(3), shape_bytes(m.group(2))))
+    return {number: min(full, sum(b for _, b in users[name])) for name, (number, full) in params.items()
+            if users[name] and all(op == 'slice' for op, _ in users[name])}
 
 
 def fusion_traffic(per_kernel: dict[str, float], launches: dict[str, int], hlo_text: str, steps: int,

@@ -48,7 +48,8 @@ def test_gpu_program_compiles_the_training_step_for_a_gpu_without_one(tmp_path):
 def test_gpu_program_counts_each_fusions_bytes_once():
     """The byte count of bench/gpu_program.py on programs whose traffic is known, compiled for the H100 target: an
     elementwise map of a 512×512 float32 array reads 1 MiB and writes 1 MiB in one fusion; a row sum reads 1 MiB and
-    writes 2 KiB. An XLA flag given as OPTION=true reaches XLA as a boolean (it refuses the string)."""
+    writes 2 KiB; the row sums of its first 8 columns read those 16 KiB only. An XLA flag given as OPTION=true
+    reaches XLA as a boolean (it refuses the string)."""
     code = '''
 import json, sys
 sys.path.insert(0, "bench")
@@ -60,7 +61,8 @@ mesh = G.gpu_mesh(G.target_config_text(G.H100_SXM))
 x = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=NamedSharding(mesh, P()))
 options = C.xla_options({"xla_gpu_enable_triton_gemm": "false"})
 out = {}
-for name, fn in (("map", lambda a: jnp.sin(a) * 2), ("row sum", lambda a: a.sum(axis=1))):
+for name, fn in (("map", lambda a: jnp.sin(a) * 2), ("row sum", lambda a: a.sum(axis=1)),
+                 ("sliced", lambda a: jnp.square(a[:, :8]).sum(axis=1))):
     hlo = jax.jit(fn, compiler_options=options).lower(x).compile().as_text()
     out[name] = G.static_traffic(hlo)
 print(json.dumps(out))
@@ -70,5 +72,6 @@ print(json.dumps(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out['map']['fusions'] == {'other elementwise': [1, 2 * 2**20]} and out['map']['calls'] == {}
-    assert out['row sum']['fusions'] == {
-        'reduction (normalisation statistics, bias and scale gradients)': [1, 2**20 + 512 * 4]}
+    reduction = 'reduction (normalisation statistics, bias and scale gradients)'
+    assert out['row sum']['fusions'] == {reduction: [1, 2**20 + 512 * 4]}
+    assert out['sliced']['fusions'] == {reduction: [1, 512 * 8 * 4 + 512 * 4]}  # reads only the slice it sums
