@@ -4,13 +4,12 @@
   .venv/bin/python bench/gpu_program.py [--config cars64] [--batch 64] [--variants default OPTION=VALUE[:...]]
 
 On the GPU, the step's convolutions and GEMMs run near the card's matmul rate and the rest is XLA's fusions
-(normalisation, GELU, dropout, residuals, softmax, AdamW, EMA), which are bound by memory bandwidth: in session 8's
-profile (bench/RESULTS.md, "GPU") they moved at least 51 GB per step at cars64, batch 64, and took 26 of the 40 ms
-of kernel time. This script compiles the same step (`make_train_step`, state replicated and donated, batch split,
-bf16 compute) for a GPU *target* on the CPU, through a compile-only PJRT topology of the CUDA plugin, and reads the
-optimized HLO: for each fusion, the bytes it must at least read and write (operands once, outputs once;
-`gpu_trace.hlo_fusions`, the byte count used on the profiles), summed by kind, and the calls left to libraries
-(cuDNN convolutions, cuBLAS). Each fusion is counted once per step (the step has no loops but the dropout draw's).
+(normalisation, GELU, dropout, residuals, softmax, AdamW, EMA), which are bound by memory bandwidth: in session
+8's profile (bench/RESULTS.md, "GPU") they took 26 of the 40 ms of kernel time per step at cars64, batch 64. This
+script compiles the same step (`make_train_step`, state replicated and donated, batch split, bf16 compute) for a
+GPU *target* on the CPU, through a compile-only PJRT topology of the CUDA plugin, and reads the optimized HLO: for
+each fusion, the bytes it must at least read and write (operands once, outputs once; `gpu_trace.hlo_fusions`, the
+byte count used on the profiles), summed by kind, and the calls left to libraries (cuDNN convolutions, cuBLAS). Each fusion is counted once per step (the step has no loops but the dropout draw's).
 So a change to the model or an XLA option can be judged by the bytes of the GPU program it gives, here, before a
 session with a GPU times it. It says nothing of the library kernels' speed, and nothing is autotuned.
 
@@ -35,14 +34,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-#: NVIDIA H100 SXM5 80GB (compute capability 9.0), from its data sheet and CUDA's device properties. XLA's fusion
-#: decisions read the SM count, the shared memory and register limits, the L2 size and the memory bandwidth.
+#: NVIDIA H100 SXM5 80GB (compute capability 9.0), from its data sheet and CUDA's device properties (the memory as
+#: nvidia-smi showed it in session 5). XLA's fusion decisions read the SM count, the shared memory and register
+#: limits, the L2 size and the memory bandwidth.
 H100_SXM = dict(
     name='NVIDIA H100 80GB HBM3', compute_capability=(9, 0), core_count=132, fpus_per_core=128,
     threads_per_block_limit=1024, threads_per_warp=32, threads_per_core_limit=2048,
     shared_memory_per_block=48 * 1024, shared_memory_per_block_optin=227 * 1024, shared_memory_per_core=228 * 1024,
     registers_per_core_limit=65536, registers_per_block_limit=65536, l2_cache_size=50 * 2**20,
-    memory_bandwidth=3_350_000_000_000, clock_rate_ghz=1.98, device_memory_size=80 * 10**9,
+    memory_bandwidth=3_350_000_000_000, clock_rate_ghz=1.98, device_memory_size=81559 * 2**20,
     cudnn_version=(9, 8, 0))
 BANDWIDTH_GBS = 3000.  # a device-to-device copy's rate on the H100s used (bench/RESULTS.md, "GPU")
 
