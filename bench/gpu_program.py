@@ -9,9 +9,10 @@ On the GPU, the step's convolutions and GEMMs run near the card's matmul rate an
 script compiles the same step (`make_train_step`, state replicated and donated, batch split, bf16 compute) for a
 GPU *target* on the CPU, through a compile-only PJRT topology of the CUDA plugin, and reads the optimized HLO: for
 each fusion, the bytes it must at least read and write (operands once, outputs once; `gpu_trace.hlo_fusions`, the
-byte count used on the profiles), summed by kind, and the calls left to libraries (cuDNN convolutions, cuBLAS). Each fusion is counted once per step (the step has no loops but the dropout draw's).
-So a change to the model or an XLA option can be judged by the bytes of the GPU program it gives, here, before a
-session with a GPU times it. It says nothing of the library kernels' speed, and nothing is autotuned.
+byte count used on the profiles), summed by kind, and the calls left to libraries (cuDNN convolutions, cuBLAS).
+Each fusion is counted once per step (the step has no loops but the dropout draw's). So a change to the model or an
+XLA option can be judged by the bytes of the GPU program it gives, here, before a session with a GPU times it. It
+says nothing of the library kernels' speed, and nothing is autotuned.
 
 The CUDA plugin (`jax-cuda12-plugin` and `jax-cuda12-pjrt`, the version of jaxlib) is looked for on sys.path, then in
 `--plugin-path` (default .venv/gpu-compile, which `make venv` fills from requirements/gpu_compile.txt). The target
