@@ -129,9 +129,11 @@ def compile_train_step(config_name: str, batch: int, dtype: str, mesh, options: 
 
 
 def static_traffic(hlo_text: str) -> dict:
-    """What the GPU program of `hlo_text` runs once per step: XLA's fusions by kind ({kind: [count, bytes]}, each
-    fusion's bytes at least, `gpu_trace.hlo_fusions`) and the calls to libraries ({name: count}: cuDNN
-    convolutions, whether custom calls or cuDNN fusions, and cuBLAS)."""
+    """What the GPU program of `hlo_text` runs once per step: XLA's fusions by kind and by phase ({kind or phase:
+    [count, bytes]}, each fusion's bytes at least, `gpu_trace.hlo_fusions`) and the calls to libraries ({name:
+    count}: cuDNN convolutions, whether custom calls or cuDNN fusions, and cuBLAS). A fusion's phase is read from
+    the names JAX gives its ops: 'backward' if any is under `transpose(...)` (the gradient), else 'forward' if any is
+    under `jvp(...)`, else 'rest' (the optimizer, the EMA, the random draws, the finite check)."""
     from gpu_trace import hlo_fusions
     computations = C.hlo_computations(hlo_text)
     fusion = re.compile(r'\s*(?:ROOT )?%([\w.\-]+) = .* fusion\(.*calls=%([\w.\-]+)')
@@ -139,23 +141,33 @@ def static_traffic(hlo_text: str) -> dict:
                 for name, lines in computations.items()}
     fused = {called for pairs in calls_of.values() for _, called in pairs}  # bodies of fusions, not kernels
     with_convolution = {name for name, lines in computations.items() if any(' convolution(' in s for s in lines)}
-    kernels, library_fusions = set(), set()
+    kernels, library_fusions = {}, set()
     for name, pairs in calls_of.items():
         if name not in fused:  # a fusion nested in another (Triton's block-level fusions) is part of its kernel
             for instruction, called in pairs:
                 key = re.sub(r'[.\-]', '_', instruction)
-                (library_fusions if called in with_convolution else kernels).add(key)
-    kinds = collections.defaultdict(lambda: [0, 0])
+                if called in with_convolution:
+                    library_fusions.add(key)
+                else:
+                    kernels[key] = _phase('\n'.join(computations.get(called, [])))
+    kinds, phases = collections.defaultdict(lambda: [0, 0]), collections.defaultdict(lambda: [0, 0])
     for name, (kind, nbytes) in hlo_fusions(hlo_text).items():
         if name in kernels:
-            kinds[kind][0] += 1
-            kinds[kind][1] += nbytes
+            for total in (kinds[kind], phases[kernels[name]]):
+                total[0] += 1
+                total[1] += nbytes
     calls = collections.Counter()
     for target in re.findall(r'custom_call_target="([^"]+)"', hlo_text):
         calls['cuDNN convolution' if 'cudnn$conv' in target else 'cuBLAS' if 'cublas' in target else target] += 1
     if library_fusions:
         calls['cuDNN convolution'] += len(library_fusions)
-    return dict(fusions=dict(kinds), calls=dict(calls))
+    return dict(fusions=dict(kinds), phases=dict(phases), calls=dict(calls))
+
+
+def _phase(fused_computation: str) -> str:
+    names = re.findall(r'op_name="([^"]*)"', fused_computation)
+    return ('backward' if any('transpose(' in n for n in names) else 'forward' if any('jvp(' in n for n in names)
+            else 'rest')
 
 
 def parse_variant(spec: str) -> dict:
@@ -165,6 +177,15 @@ def parse_variant(spec: str) -> dict:
     if not all('=' in o for o in spec.split(':')):
         raise SystemExit(f'bad variant {spec!r}: default, or OPTION=VALUE[:OPTION=VALUE]...')
     return C.xla_options(dict(o.split('=', 1) for o in spec.split(':')))
+
+
+def print_split(results: list, field: str, name: str, rows: list[str]) -> None:
+    """A table of each variant's bytes (and fusion count) by `name` (kind or phase), from `static_traffic`'s `field`."""
+    print(f'\nGB/step at least (fusions) by {name}:\n\n| {name} | ' + ' | '.join(s for s, _, _ in results)
+          + ' |\n|---|' + '---|' * len(results))
+    for row in rows:
+        cells = [t[field].get(row) for _, _, t in results]
+        print(f'| {row} | ' + ' | '.join(f'{c[1] / 1e9:.2f} ({c[0]})' if c else '' for c in cells) + ' |')
 
 
 def main():
@@ -203,11 +224,8 @@ def main():
         print(f'| {spec} | {compile_s:.1f} | {count} | {gb:.2f} | {gb / BANDWIDTH_GBS * 1e3:.2f} | {calls} |')
     kinds = sorted({k for _, _, t in results for k in t['fusions']},
                    key=lambda k: -results[0][2]['fusions'].get(k, (0, 0))[1])
-    print('\nGB/step at least (fusions) by kind:\n\n| kind | ' + ' | '.join(s for s, _, _ in results) + ' |\n|---|'
-          + '---|' * len(results))
-    for kind in kinds:
-        cells = [t['fusions'].get(kind) for _, _, t in results]
-        print(f'| {kind} | ' + ' | '.join(f'{c[1] / 1e9:.2f} ({c[0]})' if c else '' for c in cells) + ' |')
+    print_split(results, 'fusions', 'kind', kinds)
+    print_split(results, 'phases', 'phase', ['forward', 'backward', 'rest'])
     if args.hlo_out:
         print(f'\noptimized HLO: {args.hlo_out}/gpu_step_*.hlo.txt.gz')
 

@@ -40,6 +40,11 @@ def test_gpu_program_compiles_the_training_step_for_a_gpu_without_one(tmp_path):
     assert float(row[1]) > 0 and int(row[2]) > 100 and float(row[3]) > 0, row  # compile s, fusions, GB
     assert f'cuDNN convolution {3 * convs_3x3}' in row[5], row
     assert re.search(r'\| reduction \(normalisation statistics.*\| \d+\.\d\d \(\d+\) \|', proc.stdout), proc.stdout
+    phases = {p: table_row(proc.stdout, p) for p in ('forward', 'backward', 'rest')}
+    gb = {p: float(row[1].split()[0]) for p, row in phases.items()}
+    # the backward pass moves more than the forward; at batch 2 the optimizer and the EMA ('rest') move the most
+    assert gb['rest'] > gb['backward'] > gb['forward'] > 0, phases
+    assert sum(int(row[1].split()[1].strip('()')) for row in phases.values()) == int(row[2])  # every fusion once
     with gzip.open(tmp_path / 'gpu_step_1.hlo.txt.gz', 'rt') as f:
         hlo = f.read()
     assert 'ENTRY' in hlo and '__cudnn$convBackwardFilter' in hlo
@@ -48,8 +53,8 @@ def test_gpu_program_compiles_the_training_step_for_a_gpu_without_one(tmp_path):
 def test_gpu_program_counts_each_fusions_bytes_once():
     """The byte count of bench/gpu_program.py on programs whose traffic is known, compiled for the H100 target: an
     elementwise map of a 512×512 float32 array reads 1 MiB and writes 1 MiB in one fusion; a row sum reads 1 MiB and
-    writes 2 KiB; the row sums of its first 8 columns read those 16 KiB only. An XLA flag given as OPTION=true
-    reaches XLA as a boolean (it refuses the string)."""
+    writes 2 KiB; the row sums of its first 8 columns read those 16 KiB only. A gradient's fusion is in the
+    backward phase. An XLA flag given as OPTION=true reaches XLA as a boolean (it refuses the string)."""
     code = '''
 import json, sys
 sys.path.insert(0, "bench")
@@ -62,7 +67,8 @@ x = jax.ShapeDtypeStruct((512, 512), jnp.float32, sharding=NamedSharding(mesh, P
 options = C.xla_options({"xla_gpu_enable_triton_gemm": "false"})
 out = {}
 for name, fn in (("map", lambda a: jnp.sin(a) * 2), ("row sum", lambda a: a.sum(axis=1)),
-                 ("sliced", lambda a: jnp.square(a[:, :8]).sum(axis=1))):
+                 ("sliced", lambda a: jnp.square(a[:, :8]).sum(axis=1)),
+                 ("gradient", jax.grad(lambda a: jnp.sum(jnp.sin(a) ** 2)))):
     hlo = jax.jit(fn, compiler_options=options).lower(x).compile().as_text()
     out[name] = G.static_traffic(hlo)
 print(json.dumps(out))
@@ -75,3 +81,6 @@ print(json.dumps(out))
     reduction = 'reduction (normalisation statistics, bias and scale gradients)'
     assert out['row sum']['fusions'] == {reduction: [1, 2**20 + 512 * 4]}
     assert out['sliced']['fusions'] == {reduction: [1, 512 * 8 * 4 + 512 * 4]}  # reads only the slice it sums
+    assert out['map']['phases'] == {'rest': [1, 2 * 2**20]}  # no gradient taken: neither forward nor backward
+    # d/da Σ sin² a = 2 sin a cos a: computed under the gradient's transpose, in one fusion of 1 MiB in, 1 MiB out
+    assert out['gradient']['phases'] == {'backward': [1, 2 * 2**20]}, out['gradient']
