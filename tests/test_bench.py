@@ -176,4 +176,3 @@ def test_step_dispatch_forms_compute_the_same_step():
     for row in rows.values():
         assert all(float(cell) > 0 for cell in row[1:5]), row  # compile s, dispatch, synced, pipelined ms
     assert len({row[6] for row in rows.values()}) == 1, rows  # the loss after the same steps
-

@@ -40,11 +40,11 @@ def test_gpu_program_compiles_the_training_step_for_a_gpu_without_one(tmp_path):
     assert float(row[1]) > 0 and int(row[2]) > 100 and float(row[3]) > 0, row  # compile s, fusions, GB
     assert f'cuDNN convolution {3 * convs_3x3}' in row[5], row
     assert re.search(r'\| reduction \(normalisation statistics.*\| \d+\.\d\d \(\d+\) \|', proc.stdout), proc.stdout
-    phases = {p: table_row(proc.stdout, p) for p in ('forward', 'backward', 'rest')}
-    gb = {p: float(row[1].split()[0]) for p, row in phases.items()}
+    phases = {p: table_row(proc.stdout, p)[1].split() for p in ('forward', 'backward', 'rest')}  # 'GB', '(count)'
+    gb = {p: float(cell[0]) for p, cell in phases.items()}
     # the backward pass moves more than the forward; at batch 2 the optimizer and the EMA ('rest') move the most
     assert gb['rest'] > gb['backward'] > gb['forward'] > 0, phases
-    assert sum(int(row[1].split()[1].strip('()')) for row in phases.values()) == int(row[2])  # every fusion once
+    assert sum(int(cell[1].strip('()')) for cell in phases.values()) == int(row[2])  # every fusion in one phase
     with gzip.open(tmp_path / 'gpu_step_1.hlo.txt.gz', 'rt') as f:
         hlo = f.read()
     assert 'ENTRY' in hlo and '__cudnn$convBackwardFilter' in hlo
