@@ -102,10 +102,10 @@ def gpu_mesh(target_config: str):
     return topologies.make_mesh(topology, (1,), (DATA_AXIS,))
 
 
-def compile_train_step(config_name: str, batch: int, dtype: str, mesh, options: dict) -> tuple[str, float]:
-    """(optimized HLO text, compile seconds) of the training step for `mesh`'s device, with XLA `options`: the step
-    as `jit_train_step` compiles it (state replicated and donated, batch split over the mesh), from abstract
-    arrays (nothing is initialised or placed)."""
+def lower_train_step(config_name: str, batch: int, dtype: str, mesh):
+    """The training step lowered for `mesh`'s device, as `jit_train_step` compiles it (state replicated and
+    donated, batch split over the mesh), from abstract arrays (nothing is initialised or placed). Each variant
+    compiles this one lowering with its XLA options."""
     import jax
     import numpy as np
     from kdiff_jax.factory import make_model
@@ -121,11 +121,8 @@ def compile_train_step(config_name: str, batch: int, dtype: str, mesh, options: 
     state = jax.tree.map(lambda x: abstract(x, replicated(mesh)), state)
     images = {k: abstract(v, batch_sharded(mesh)) for k, v in C.train_batch(config_name, batch).items()}
     step = jax.jit(make_train_step(config, train_model, tx), in_shardings=(state_sharding, batch_sharded(mesh)),
-                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0, compiler_options=options)
-    lowered = step.lower(state, images)
-    start = time.perf_counter()
-    compiled = lowered.compile()
-    return compiled.as_text(), time.perf_counter() - start
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+    return step.lower(state, images)
 
 
 def static_traffic(hlo_text: str) -> dict:
@@ -207,10 +204,12 @@ def main():
                            f'{args.config}, batch {args.batch}, {args.dtype}, target '
                            f'{device.group(1) if device else args.target_config}'))
     from tqdm import tqdm
+    lowered = lower_train_step(args.config, args.batch, args.dtype, mesh)
     results = []
     for spec, options in tqdm(variants, desc='compiling for the GPU', unit='variant'):
-        hlo, compile_s = compile_train_step(args.config, args.batch, args.dtype, mesh, options)
-        results.append((spec, compile_s, static_traffic(hlo)))
+        start = time.perf_counter()
+        hlo = lowered.compile(compiler_options=options).as_text()
+        results.append((spec, time.perf_counter() - start, static_traffic(hlo)))
         if args.hlo_out:
             Path(args.hlo_out).mkdir(parents=True, exist_ok=True)
             with gzip.open(Path(args.hlo_out) / f'gpu_step_{len(results)}.hlo.txt.gz', 'wt') as f:
