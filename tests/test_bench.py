@@ -25,12 +25,15 @@ def table_row(out: str, first_cell: str) -> list[str]:
 def test_gpu_script_pipeline_on_the_cpu(tmp_path):
     """bench/gpu.sh end to end with the GPU flag left out: bf16 on both sides (JAX's compute dtype, PyTorch's CPU
     autocast), the training step in 2 rounds (a row each and the median of their ratios) then sampling (one short
-    sampler here), each table in $OUT."""
+    sampler here), each table in $OUT; the scripts' scratch directories (weights, batches) are gone afterwards."""
+    scratch = tmp_path / 'scratch'
+    scratch.mkdir()
     env = {**os.environ, **BUSY_OK, 'GPU_FLAG': '', 'WHEELS': '', 'CONFIG': 'demo', 'BATCHES': '2', 'ROUNDS': '2',
-           'SAMPLERS': 'heun:4', 'PYTHON': sys.executable, 'OUT': str(tmp_path)}
+           'SAMPLERS': 'heun:4', 'PYTHON': sys.executable, 'OUT': str(tmp_path), 'TMPDIR': str(scratch)}
     proc = subprocess.run(['bash', str(ROOT / 'bench' / 'gpu.sh')], capture_output=True, text=True, cwd=ROOT,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not list(scratch.glob('kdiff_bench_*')), list(scratch.iterdir())
     # on a GPU, the card's description for bench/gpu_program.py; the CPU's topology has none, which it says
     assert 'this jaxlib gives no target config for cpu' in (tmp_path / 'gpu.txt').read_text()
     train = (tmp_path / 'train_step.md').read_text()
