@@ -30,6 +30,7 @@ import torch
 
 from kdiff_jax.gaussian import GaussianDenoiser
 from kdiff_jax.sampling.likelihood import draw_probes, log_likelihood
+from tests.host_devices import host_devices_flags
 from tests.parity import K, make_pair, nchw, small_config
 
 SIGMA_MIN, SIGMA_MAX = 0.01, 80.
@@ -112,8 +113,6 @@ def test_matches_k_diffusion_with_the_same_probe(monkeypatch):
 
 
 SHARDED = textwrap.dedent('''
-    import os
-    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from kdiff_jax.gaussian import GaussianDenoiser
@@ -136,7 +135,7 @@ SHARDED = textwrap.dedent('''
 
 
 def test_sharded_two_devices_under_jit():
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+    env = dict(os.environ, XLA_FLAGS=host_devices_flags(2), JAX_PLATFORMS='cpu',
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
     proc = subprocess.run([sys.executable, '-c', SHARDED], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=240)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kdiff_jax import sampling as S
+from tests.host_devices import host_devices_flags
 
 SIGMA_DATA = 0.5
 SHAPE = (8, 8, 3)
@@ -135,7 +136,7 @@ def test_sample_does_not_depend_on_device_count(tmp_path):
     """8 samples sharded over a 2-device mesh (in a subprocess with 2 host devices) equal the same samples drawn
     on this process's single device."""
     result = tmp_path / 'two_devices.npz'
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+    env = dict(os.environ, XLA_FLAGS=host_devices_flags(2), JAX_PLATFORMS='cpu')
     script = TWO_DEVICES.format(root=ROOT, samplers=SAMPLERS)
     proc = subprocess.run([sys.executable, '-c', script, str(result)], env=env, capture_output=True, text=True,
                           timeout=600)

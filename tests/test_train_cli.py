@@ -21,6 +21,7 @@ from kdiff_jax.training.checkpointing import TrainCheckpointer, abstract_like
 from kdiff_jax.training.optimizer import make_optimizer
 from kdiff_jax.training.sharding import data_mesh, replicated
 from kdiff_jax.training.state import create_train_state
+from tests.host_devices import host_devices_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ['--config.model.input_size=[8,8]', '--config.model.depths=[1,1]', '--config.model.channels=[8,16]',
@@ -37,7 +38,7 @@ def train_cmd(out_dir, name, *extra):
 def run_train(out_dir, name, *extra, devices=None):
     env = dict(os.environ)
     if devices:
-        env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+        env['XLA_FLAGS'] = host_devices_flags(devices)
     result = subprocess.run(train_cmd(out_dir, name, *extra), capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]

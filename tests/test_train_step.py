@@ -203,7 +203,7 @@ def assert_params_close(ours, reference):
 MULTIHOST_SCRIPT = '''
 import os, sys
 process_id, port, out, root = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 sys.path.insert(0, root)
 import jax, numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
