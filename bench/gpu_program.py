@@ -12,7 +12,10 @@ each fusion, the bytes it must at least read and write (operands once, outputs o
 byte count used on the profiles), summed by kind, and the calls left to libraries (cuDNN convolutions, cuBLAS).
 Each fusion is counted once per step (the step has no loops but the dropout draw's). So a change to the model or an
 XLA option can be judged by the bytes of the GPU program it gives, here, before a session with a GPU times it. It
-says nothing of the library kernels' speed, and nothing is autotuned.
+says nothing of the library kernels' speed, and nothing is autotuned. Nor of CUDA graphs: the HLO compiled here
+holds no command buffers, even for a chain of 18 fusions with xla_gpu_enable_command_buffer=FUSION,CUBLAS,
+xla_gpu_graph_min_graph_size=1 and CUDA 12.9 as runtime and driver version in the target config (session 19), while
+the card's step ran as 145 graphs (session 8); recent XLA sources form them from the thunks, after the HLO.
 
 The CUDA plugin (`jax-cuda12-plugin` and `jax-cuda12-pjrt`, the version of jaxlib) is looked for on sys.path, then in
 `--plugin-path` (default .venv/gpu-compile, which `make venv` fills from requirements/gpu_compile.txt). The target
