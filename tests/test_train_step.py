@@ -203,8 +203,9 @@ def assert_params_close(ours, reference):
 MULTIHOST_SCRIPT = '''
 import os, sys
 process_id, port, out, root = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 sys.path.insert(0, root)
+from tests.host_devices import host_devices_flags
+os.environ["XLA_FLAGS"] = host_devices_flags(2)
 import jax, numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address="127.0.0.1:" + port, num_processes=2, process_id=process_id)
