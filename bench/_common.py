@@ -394,23 +394,43 @@ def hlo_computations(hlo_text: str) -> dict[str, list[str]]:
 
 # ---------------------------------------------------------------------------------------------------- reporting
 
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """'<model name> (family F, model M; <vector ISA>)' from /proc/cpuinfo, e.g. 'AMD EPYC (family 25, model 1;
+    AVX2, no AVX-512)'. VMs of one machine kind report the same model name on CPUs whose vector units differ (an
+    AMD EPYC with and without AVX-512), and the tables depend on it."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path('/proc/cpuinfo').read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    first = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(':')
+        if sep and key.strip() not in first:
+            first[key.strip()] = value.strip()
+    flags = set(first.get('flags', '').split())
+    if 'avx512f' in flags:
+        isa = 'AVX-512' + (', AMX' if 'amx_tile' in flags else '')
+    elif 'avx2' in flags:
+        isa = 'AVX2, no AVX-512'
+    else:
+        isa = 'no AVX2'
+    name = first.get('model name') or platform.processor() or platform.machine()
+    if 'cpu family' in first and 'model' in first:
+        return f'{name} (family {first["cpu family"]}, model {first["model"]}; {isa})'
+    return f'{name} ({isa})'
+
+
 def machine_header(title: str) -> str:
     import importlib.metadata as md
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith('Model name:'):
-                model = line.split(':', 1)[1].strip()
-    except OSError:
-        pass
 
     def v(name):
         try:
             return md.version(name)
         except md.PackageNotFoundError:
             return '?'
-    return (f'# {title}\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {model}, {os.cpu_count()} cores · '
-            f'jax {v("jax")}, jaxlib {v("jaxlib")}, flax {v("flax")}, torch {v("torch")}, '
+    return (f'# {title}\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {cpu_description()}, {os.cpu_count()} '
+            f'cores · jax {v("jax")}, jaxlib {v("jaxlib")}, flax {v("flax")}, torch {v("torch")}, '
             f'k-diffusion {v("k-diffusion")} · XLA_FLAGS={os.environ.get("XLA_FLAGS", "") or "(none)"} · '
             f'{malloc_line()}')
 

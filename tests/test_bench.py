@@ -109,6 +109,23 @@ def test_torch_step_reports_its_first_steps_loss_however_many_steps_are_timed(tm
     assert few['loss'] == many['loss'] and np.isfinite(few['loss'])
 
 
+def test_cpu_description_names_the_vector_units():
+    """The tables' header tells apart CPUs that share a model name (an AMD EPYC VM with or without AVX-512)."""
+    sys.path.insert(0, str(ROOT / 'bench'))
+    from _common import cpu_description
+
+    def cpuinfo(name, family, model, flags):
+        core = f'vendor_id\t: x\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: {name}\nflags\t\t: {flags}\n'
+        return core + '\n' + core.replace('model name\t: ', 'model name\t: second ')  # two processors: the first counts
+    assert cpu_description(cpuinfo('AMD EPYC', 25, 1, 'fpu sse2 avx fma avx2 bmi2')) == \
+        'AMD EPYC (family 25, model 1; AVX2, no AVX-512)'
+    assert cpu_description(cpuinfo('AMD EPYC', 25, 17, 'avx2 avx512f avx512bw avx512_bf16')) == \
+        'AMD EPYC (family 25, model 17; AVX-512)'
+    assert cpu_description(cpuinfo('Intel(R) Xeon(R) Processor', 6, 143, 'avx2 avx512f amx_bf16 amx_tile')) == \
+        'Intel(R) Xeon(R) Processor (family 6, model 143; AVX-512, AMX)'
+    assert cpu_description('model name\t: Old\nflags\t: sse2 avx\n') == 'Old (no AVX2)'
+
+
 def test_gpu_trace_summary():
     """bench/gpu_trace.py's table: per-step times, families from kernel names, shares of the busy time."""
     sys.path.insert(0, str(ROOT / 'bench'))
