@@ -14,7 +14,12 @@ p = 3.8 at 64/128) and DPM-Solver++(2M) 64 (2.26 at 32/64, 2.15 at 64/128); the 
 
 Stochastic samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde — the last absent from k-diffusion 0.0.15, so this is its
 check): started from x ~ N(μ, s² + σ_max²), they sample p(x; σ), and their final denoising step x ← D(x, σ_min)
-returns N(μ, s⁴/(s²+σ_min²)). The standardised samples' mean and variance must match within sampling error.
+returns N(μ, s⁴/(s²+σ_min²)). The standardised samples' mean and variance must match within sampling error. The
+marginal alone cannot tell these samplers from their η = 0 (ODE) form, which maps N(μ, s² + σ_max²) to the same law.
+The joint law with the starting point can: the exact reverse process leaves x(σ_min) = x0 + σ_min·ε' with x(σ_max) =
+x0 + σ_max·ε (ε, ε' independent of x0 and of each other), so the output D(x(σ_min), σ_min) has correlation
+s²/√((s²+σ_min²)(s²+σ_max²)) (≈ 0.006 here) with x(σ_max); the ODE's output has 1, and η = 0.5 gave 0.07 (the
+multistep samplers) to 0.3 (dpmpp_sde).
 """
 
 from __future__ import annotations
@@ -113,6 +118,17 @@ def _sde_gaussian():
     return GaussianDenoiser(mean, scale)
 
 
+def assert_reverse_process_correlation(out, x, scale, what: str):
+    """The per-pixel correlation of the samples with their starting points, pooled over the pixels, is the exact
+    reverse process's within 5 standard errors (1/√(samples·pixels) at correlations near 0; see the module doc)."""
+    a, b = (np.asarray(v, np.float64).reshape(SDE_N, -1) for v in (out, x))
+    a, b = a - a.mean(0), b - b.mean(0)
+    measured = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    s2 = np.asarray(scale, np.float64).ravel() ** 2
+    exact = s2 / np.sqrt((s2 + SDE_SIGMA_MIN ** 2) * (s2 + SDE_SIGMA_MAX ** 2))
+    assert abs(np.mean(measured - exact)) < 5 / math.sqrt(a.size), f'{what}: correlations {measured} vs {exact}'
+
+
 def assert_standard_normal(z, what: str):
     """Mean 0 and variance 1 of the pooled standardised values, within 5 standard errors (+2% variance bias for the
     discretisation at 64 steps)."""
@@ -133,10 +149,10 @@ STOCHASTIC = [
 
 
 @pytest.mark.parametrize('name,run', STOCHASTIC, ids=[s[0] for s in STOCHASTIC])
-def test_sde_sampler_marginals(name, run):
-    """Samples of N(μ, s²) data. One draw per step for the multistep SDE samplers (independent normals are their
-    Brownian increments in law; cheaper than 4096 trees); dpmpp_sde, whose two draws per step overlap, keeps its
-    Brownian-tree default."""
+def test_sde_sampler_marginals_and_joint_law(name, run):
+    """Samples of N(μ, s²) data, and their correlation with the starting noise. One draw per step for the multistep
+    SDE samplers (independent normals are their Brownian increments in law; cheaper than 4096 trees); dpmpp_sde,
+    whose two draws per step overlap, keeps its Brownian-tree default."""
     g = _sde_gaussian()
     keys = noise.sample_keys(7, jnp.arange(SDE_N))
     x = g.mean + jnp.sqrt(g.scale ** 2 + SDE_SIGMA_MAX ** 2) * noise.initial_noise(keys, (SDE_N, 2, 2, 1))
@@ -145,4 +161,5 @@ def test_sde_sampler_marginals(name, run):
     out = run(g, x, sigmas, source)
     var_final = g.scale ** 4 / (g.scale ** 2 + SDE_SIGMA_MIN ** 2)  # of D(x, σ_min), x ~ N(μ, s² + σ_min²)
     assert_standard_normal((out - g.mean) / jnp.sqrt(var_final), name)
+    assert_reverse_process_correlation(out, x, g.scale, name)
 

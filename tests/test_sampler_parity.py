@@ -181,7 +181,7 @@ def test_dpm_adaptive_matches_k_diffusion(pair, order):
     MEASURED[f'dpm_adaptive_order{order}'] = err
     MEASURED[f'dpm_adaptive_order{order}_n_accept_ours_vs_kd'] = [int(info['n_accept']), ref_info['n_accept']]
     assert abs(int(info['n_accept']) - ref_info['n_accept']) <= 1, (info, ref_info)
-    assert int(info['nfe']) == order * int(info['steps'])
+    assert abs(int(info['nfe']) - ref_info['nfe']) <= order * abs(int(info['steps']) - ref_info['steps'])
     assert err <= 1e-3
 
 
@@ -248,14 +248,17 @@ def test_model_evaluation_counts_and_callbacks_equal_k_diffusion(name, monkeypat
                 np.testing.assert_allclose(np.asarray(a[key]), ref_value, rtol=1e-5, err_msg=key)
 
 
-def test_dpm_adaptive_counts_and_callback():
+@pytest.mark.parametrize('order', [2, 3])
+def test_dpm_adaptive_counts_and_callback(order):
+    """info['nfe'] is the number of model calls, and both counts and the callback's fields follow k-diffusion."""
     x = _x0(size=4)
     ref_model, ref_calls = TorchGaussian(), []
     with torch.no_grad():
-        ref, ref_info = K.sampling.sample_dpm_adaptive(ref_model, nchw(x), SIGMA_MIN, SIGMA_MAX, disable=True,
-                                                       callback=ref_calls.append, return_info=True)
+        ref, ref_info = K.sampling.sample_dpm_adaptive(ref_model, nchw(x), SIGMA_MIN, SIGMA_MAX, order=order,
+                                                       disable=True, callback=ref_calls.append, return_info=True)
     model, our_calls = CountedGaussian(), []
-    ours, info = S.sample(model, x, _sigmas(10), 'dpm_adaptive', callback=our_calls.append, return_info=True)
+    ours, info = S.sample(model, x, _sigmas(10), 'dpm_adaptive', callback=our_calls.append, return_info=True,
+                          order=order)
     jax.effects_barrier()
     assert model.calls == int(info['nfe'])
     assert abs(int(info['steps']) - ref_info['steps']) <= 1 and abs(model.calls - ref_model.calls) <= 3
@@ -281,7 +284,7 @@ STOCHASTIC_KWARGS = {'euler': dict(s_churn=1.), 'heun': dict(s_churn=1.), 'dpm_2
                      'dpm_fast': dict(eta=1.), 'dpm_adaptive': dict(eta=1.)}
 
 
-@pytest.mark.parametrize('sampler', list(S.SAMPLERS))
+@pytest.mark.parametrize('sampler', [s for s in S.SAMPLERS if s != 'dpm_adaptive'])  # it takes no step count
 def test_program_size_does_not_grow_with_steps(sampler):
     kwargs = STOCHASTIC_KWARGS.get(sampler, {})
     small, large = _lowered_text(sampler, 10, **kwargs), _lowered_text(sampler, 250, **kwargs)
@@ -319,10 +322,13 @@ def test_dpmpp_3m_sde_converges_at_third_order_on_the_gaussian_ode():
 
 
 def test_dpmpp_3m_sde_samples_the_gaussian():
-    """η = 1 with Brownian noise: from x ~ N(0, σ_max²) the samples have the data's std σd."""
+    """η = 1 with Brownian noise: from x ~ N(0, σ_max²) the samples have the data's std σd, and, unlike the η = 0
+    (ODE) samples, which have the same std, they are all but uncorrelated with their starting noise: the exact
+    reverse process gives σd²/√((σd² + σ_min²)(σd² + σ_max²)) < 0.01 (test_closed_form.py has the law per pixel)."""
     x = np.asarray(S.initial_noise(S.sample_keys(3, np.arange(64)), (64, 8, 8, 3))) * SIGMA_MAX
     out = np.asarray(S.sample(_gaussian_denoiser, x, _sigmas(40), 'dpmpp_3m_sde', seed=5))
     assert abs(out.std() / SIGMA_DATA - 1) < 0.03
+    assert abs(np.corrcoef(out.ravel(), x.ravel())[0, 1]) < 5 / np.sqrt(out.size)  # the ODE's: 1
 
 
 # ------------------------------------------------------------------------------------------------------ the API
