@@ -181,13 +181,18 @@ def test_adaptive_under_jit_with_extra_args():
 
 
 def test_adaptive_callback_and_controller():
-    """A given controller is used; the callback sees σ_max and every accepted step (not the rejected ones)."""
+    """A given controller is used (its steps are those of the same settings given as arguments, not the
+    default's); the callback sees σ_max and every accepted step (not the rejected ones)."""
     g = gaussian()
     x = start(g)
     seen = []
-    controller = diffrax.PIDController(rtol=1e-3, atol=1e-3, pcoeff=0.3, icoeff=0.4)
+    settings = dict(rtol=1e-5, atol=1e-5, pcoeff=0.3, icoeff=0.4)
     out, info = sample_ode_adaptive(g, x, SIGMA_MIN, SIGMA_MAX, callback=seen.append, return_info=True,
-                                    stepsize_controller=controller)
+                                    stepsize_controller=diffrax.PIDController(**settings))
+    _, same = sample_ode_adaptive(g, x, SIGMA_MIN, SIGMA_MAX, return_info=True, **settings)
+    _, default = sample_ode_adaptive(g, x, SIGMA_MIN, SIGMA_MAX, return_info=True)
+    counts = lambda info: (int(info['n_accept']), int(info['n_reject']))  # noqa: E731
+    assert counts(info) == counts(same) and counts(info)[0] > counts(default)[0], (info, same, default)
     sigmas = [float(c['sigma']) for c in seen]
     assert [c['i'] for c in seen] == list(range(int(info['n_accept']) + 1))
     assert sigmas[0] == SIGMA_MAX and abs(sigmas[-1] - SIGMA_MIN) < 1e-6 and np.all(np.diff(sigmas) < 0)
