@@ -172,13 +172,16 @@ def test_grow_from_a_run_through_the_cli(tmp_path):
     from kdiff_jax.config import config_to_dict
     old = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY + ['--config.model.skip_stages=1'])
     (tmp_path / 'old.json').write_text(json.dumps(config_to_dict(old)))
-    run_train(tmp_path, 'small', '--config.model.skip_stages=1', '--end-step', '2')
+    # a large learning rate sets the old run's weights ~lr/3 apart from its EMA, far beyond what the grown run's two
+    # steps at the default lr can move a weight, so the comparison below tells which of the two the grow started from
+    run_train(tmp_path, 'small', '--config.model.skip_stages=1', '--end-step', '2', '--lr', '0.03')
     grown = run_train(tmp_path, 'grown', '--grow', tmp_path / 'small', '--grow-config', tmp_path / 'old.json',
                       '--end-step', '2')
     assert 'grown from' in grown.stdout + grown.stderr
     params = final_params(tmp_path / 'grown')
     old = final_params(tmp_path / 'small', overrides=['--config.model.skip_stages=1'])
     assert params.keys() == old.keys()
+    assert max(np.abs(old[key] - old['ema/' + key]).max() for key in old if not key.startswith('ema/')) > 5e-3
     moved_at_most = 2 * 1e-3 * 1.01  # two AdamW steps at lr 1e-3 move each weight by at most ~lr per step
     for key, value in params.items():
         if key.startswith('ema/'):
