@@ -63,10 +63,13 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     options = TrainOptions(**{k: v for k, v in vars(args).items()
                               if k in TrainOptions.__dataclass_fields__})
-    from kdiff_jax.interop.torch_io import CheckpointError
+    from kdiff_jax.data.sources import DatasetError
+    from kdiff_jax.interop import CheckpointError, StateDictMismatch
     try:
         train(options, config)
-    except CheckpointError as e:  # unusable checkpoint or Inception weights (incl. missing): one clear message
+    except (CheckpointError, StateDictMismatch, ConfigError, DatasetError) as e:
+        # an unusable checkpoint, grow source or Inception weights (incl. missing), a PyTorch checkpoint of another
+        # model, a dataset not prepared: one clear message (these are raised while setting up, before any step)
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -105,6 +105,45 @@ def test_resume_on_a_different_device_count(reference_run, half_run, tmp_path):
     assert_same_params(final_params(tmp_path / 'split'), final_params(ref_dir), rtol=1e-4, atol=1e-6)
 
 
+def test_resume_from_another_runs_directory(reference_run, half_run, tmp_path):
+    """--resume RUN (a run directory, as --grow and sample.py take it) continues that run under a new name, exactly."""
+    ref_dir, _ = reference_run
+    result = run_train(tmp_path, 'continued', '--resume', half_run, '--end-step', '8', '--save-every', '100')
+    assert f'resumed from {half_run} step 4' in result.stdout + result.stderr
+    assert_same_params(final_params(tmp_path / 'continued'), final_params(ref_dir))
+
+
+def bad_setups(tmp_path: Path) -> dict[str, tuple[list, str]]:
+    from safetensors.numpy import save_file
+    save_file({'inner_model.proj_in.weight': np.zeros((8, 1, 1, 1), np.float32)}, tmp_path / 'bare.safetensors')
+    (tmp_path / 'empty').mkdir()
+    return {
+        'grow_without_its_config': (['--grow', tmp_path / 'empty'], 'error: --grow requires --grow-config'),
+        'resume_a_bare_state_dict': (['--resume', tmp_path / 'bare.safetensors'],
+                                     'not a k-diffusion train.py checkpoint'),
+        'resume_a_directory_without_checkpoints': (['--resume', tmp_path / 'empty'],
+                                                   'no complete kdiff_jax training checkpoint in'),
+        'resume_a_pytorch_run_of_another_model': (
+            ['--resume', write_torch_train_checkpoint(tmp_path / 'other.pth', ['--config.model.channels=[8,8]'])],
+            'does not match the model of the config'),
+        'unprepared_mnist': (['--config.dataset.type=mnist', f'--config.dataset.location={tmp_path / "empty"}'],
+                             "dataset.type 'mnist': no prepared copy"),
+    }
+
+
+@pytest.mark.parametrize('case', ['grow_without_its_config', 'resume_a_bare_state_dict',
+                                  'resume_a_directory_without_checkpoints', 'resume_a_pytorch_run_of_another_model',
+                                  'unprepared_mnist'])
+def test_a_bad_setup_is_one_clear_error(tmp_path, case):
+    """Exit status 2 and one `error:` message, no traceback, no run started."""
+    extra, message = bad_setups(tmp_path)[case]
+    result = subprocess.run(train_cmd(tmp_path, 'bad', *extra), capture_output=True, text=True, cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr and result.stderr.count('error: ') == 1, result.stderr[-3000:]
+    assert not (tmp_path / 'bad' / 'checkpoints').exists() or not any((tmp_path / 'bad' / 'checkpoints').iterdir())
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen(train_cmd(tmp_path, 'term', '--save-every', '100000'), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -147,20 +186,26 @@ def test_sigkill_during_a_save_loses_nothing(reference_run, tmp_path):
     assert_same_params(final_params(tmp_path / 'kill', 8), final_params(ref_dir, 8))
 
 
-def test_resume_accepts_a_pytorch_train_checkpoint(tmp_path):
-    """--resume run.pth: a k-diffusion train.py checkpoint (weights, EMA, AdamW state, step) continues here."""
+def write_torch_train_checkpoint(path: Path, overrides=()) -> Path:
+    """A k-diffusion train.py checkpoint at step 41 (weights, EMA, AdamW state after one step) of the TINY demo
+    model, or of the model `overrides` make of it."""
     import torch
     from kdiff_jax.config import to_kdiffusion_dict
     from tests.oracle import import_k_diffusion
     K = import_k_diffusion()
-    config = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY)
+    config = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY + list(overrides))
     inner = K.config.make_model(to_kdiffusion_dict(config))
     opt = torch.optim.AdamW(inner.parameters(), lr=1e-3)
     inner(torch.randn(2, 1, 8, 8), torch.ones(2)).square().mean().backward()
     opt.step()
     torch.save({'model': inner.state_dict(), 'model_ema': inner.state_dict(), 'opt': opt.state_dict(),
-                'sched': {}, 'ema_sched': {'last_epoch': 1}, 'epoch': 0, 'step': 41, 'gns_stats': None},
-               tmp_path / 'run.pth')
+                'sched': {}, 'ema_sched': {'last_epoch': 1}, 'epoch': 0, 'step': 41, 'gns_stats': None}, path)
+    return path
+
+
+def test_resume_accepts_a_pytorch_train_checkpoint(tmp_path):
+    """--resume run.pth: a k-diffusion train.py checkpoint (weights, EMA, AdamW state, step) continues here."""
+    write_torch_train_checkpoint(tmp_path / 'run.pth')
     result = run_train(tmp_path, 'from_torch', '--resume', tmp_path / 'run.pth', '--end-step', '44')
     assert 'continued PyTorch run' in result.stdout + result.stderr and 'at step 42' in result.stdout + result.stderr
     assert TrainCheckpointer(tmp_path / 'from_torch' / 'checkpoints', asynchronous=False).latest_step() == 44

@@ -78,10 +78,10 @@ class StopRequested:
 
 
 def _load_grow_source(opts: TrainOptions, config):
-    from ..config import load_config
+    from ..config import ConfigError, load_config
     from .grow import grow_model
     if not opts.grow_config:
-        raise ValueError('--grow requires --grow-config (the config of the model to grow from)')
+        raise ConfigError('--grow requires --grow-config (the config of the model to grow from)')
     old_config = load_config(opts.grow_config)
     path = Path(opts.grow)
     if path.is_dir() and (path / 'config').exists() and (path / 'params').exists():  # a converted model checkpoint
@@ -105,17 +105,22 @@ def initial_state(opts: TrainOptions, config, tx, checkpointer: TrainCheckpointe
         restored, data_state = checkpointer.restore(target)
         return train_model, xla_owned(restored), data_state, f'resumed from {checkpointer.directory} step {latest}'
     if opts.resume:
+        from ..interop import CheckpointError
         path = Path(opts.resume)
-        if path.is_dir():
-            other = TrainCheckpointer(path, asynchronous=False)
+        if path.is_dir():  # a kdiff_jax run directory or its checkpoints/
+            other = TrainCheckpointer(path / 'checkpoints' if (path / 'checkpoints').is_dir() else path,
+                                      asynchronous=False)
+            if other.latest_step() is None:
+                raise CheckpointError(f'--resume {path}: no complete kdiff_jax training checkpoint in '
+                                      f'{other.directory}')
             restored, data_state = other.restore(target)
             return train_model, xla_owned(restored), data_state, f'resumed from {path} step {other.latest_step()}'
         from ..interop import read_checkpoint_file
         from ..interop.torch_train import is_torch_train_checkpoint, train_state_from_torch
         ckpt = read_checkpoint_file(path)
         if not is_torch_train_checkpoint(ckpt):
-            raise ValueError(f'--resume {path}: not a k-diffusion train.py checkpoint (needs model, model_ema, opt, '
-                             'step) nor a kdiff_jax checkpoint directory')
+            raise CheckpointError(f'--resume {path}: not a k-diffusion train.py checkpoint (needs model, model_ema, '
+                                  'opt, step) nor a kdiff_jax training run or checkpoint directory')
         train_model, state = train_state_from_torch(ckpt, config, tx, opts.seed, source=str(path))
         return train_model, replicate(state, mesh), None, f'continued PyTorch run {path} at step {int(state.step)}'
     if opts.grow:
