@@ -10,7 +10,8 @@
 model config is --config, else the --reals config) to sample n images from with --sampler/--steps, on the devices,
 writing no image files.
 Both sides are read at the model's input size and channels (the checkpoint's config, else --config, else the reals
-config's), as the training data is: center crop and resize. Point --samples at a folder that holds only samples.
+config's), as the training data is: center crop and resize. Point --samples at a folder that holds only samples
+(a folder whose images differ in size, e.g. with sample.py's grid in it, is refused).
 Needs the FID Inception weights: --inception-weights PATH (pt_inception-2015-12-05-6726825d.pth).
 """
 
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
             denoiser, config = load_any_denoiser(samples, model_config)
         elif not samples.is_dir():
             raise FileNotFoundError(f'--samples {samples}: neither a checkpoint nor a folder of images')
+        else:
+            E.check_samples_folder(samples)
         if denoiser is None:  # the size and channels to compare at
             if args.config:
                 config = load_config(args.config)

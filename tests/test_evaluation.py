@@ -19,7 +19,7 @@ from kdiff_jax.config import config_to_dict, load_config
 from kdiff_jax.evaluation.evaluator import FeatureSet, dataset_images
 from kdiff_jax.evaluation.inception import FIDFeatureExtractor
 from kdiff_jax.evaluation.metrics import fid
-from kdiff_jax.images import to_pil, to_uint8
+from kdiff_jax.images import save_grid, to_pil, to_uint8
 from kdiff_jax.interop import export_torch_state_dict
 from kdiff_jax.training.checkpointing import load_ema_model
 from kdiff_jax.training.sharding import data_mesh
@@ -111,6 +111,10 @@ def test_evaluate_command_on_a_checkpoint_and_on_folders(evaluated_run, inceptio
 
     result = _evaluate('--reals', reals, '--samples', fakes, '--inception-weights', inception_weights)
     assert result.returncode == 2 and 'pass --config' in result.stderr
+    # sample.py --grid writes its grid beside the samples: not a sample, so such a folder is refused
+    save_grid(noise[:4], fakes / 'sample_grid.png')
+    result = _evaluate('--reals', reals, '--samples', fakes, '--config', DEMO, '--inception-weights', inception_weights)
+    assert result.returncode == 2 and 'not all one size' in result.stderr and 'sample_grid.png' in result.stderr
     result = _evaluate('--reals', reals, '--samples', tmp_path / 'nowhere', '--inception-weights', inception_weights)
     assert result.returncode == 2 and 'neither a checkpoint nor a folder' in result.stderr
 

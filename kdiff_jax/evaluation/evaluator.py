@@ -72,6 +72,32 @@ def dataset_images(config, n: int, *, folder: str | Path | None = None, dataset=
     return make_eval_images(config, min(int(n), len(source)), seed=seed, source=source)
 
 
+def check_samples_folder(folder: str | Path) -> None:
+    """Raise DatasetError unless every readable image under `folder` has one size. Samples of one model do; a
+    folder that also holds sample.py's --grid or --video files (or any other picture) would otherwise have those
+    resized and counted as samples. Unreadable files are left to the loader, which skips and counts them."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from ..data.sources import DatasetError, ImageFolderSource
+    sizes = {}
+    for path in ImageFolderSource(str(folder)).paths:
+        try:
+            with Image.open(path) as image:
+                sizes[path] = image.size
+        except (OSError, ValueError):
+            continue
+    counts = Counter(sizes.values())
+    if len(counts) > 1:
+        common = counts.most_common(1)[0][0]
+        odd = sorted(path for path, size in sizes.items() if size != common)
+        listed = ', '.join(f'{w}x{h}: {k}' for (w, h), k in counts.most_common())
+        raise DatasetError(f'--samples {folder}: its images are not all one size ({listed}; e.g. {odd[0]} is '
+                           f'{sizes[odd[0]][0]}x{sizes[odd[0]][1]}). Point --samples at a folder that holds only '
+                           'samples: sample.py writes its --grid and --video files beside them; move those out.')
+
+
 def fid_kid(fake_features: np.ndarray, real_features: np.ndarray) -> dict[str, float]:
     return {'fid': fid(fake_features, real_features), 'kid': kid(fake_features, real_features)}
 
