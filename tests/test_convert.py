@@ -109,6 +109,14 @@ def test_safetensors_state_dict_converts(small, tmp_path):
     model = model_from_torch_checkpoint(tmp_path / 'bare.safetensors', config)
     ours, ref = _forward_both(config, inner, model)
     assert rel_err(ours, ref) <= 1e-5
+    # the config may also be given as a config file's path
+    import json
+    from kdiff_jax.config import config_to_dict
+    (tmp_path / 'config.json').write_text(json.dumps(config_to_dict(config)))
+    for config_path in (tmp_path / 'config.json', str(tmp_path / 'config.json')):
+        ours_from_path, _ = _forward_both(config, inner, model_from_torch_checkpoint(tmp_path / 'bare.safetensors',
+                                                                                     config_path))
+        np.testing.assert_array_equal(ours_from_path, ours)
 
 
 def test_missing_unexpected_and_misshapen_keys_are_all_reported(small):

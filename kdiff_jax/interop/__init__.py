@@ -22,13 +22,17 @@ def default_candidate_configs() -> list[Path]:
 
 def model_from_torch_checkpoint(path: str | Path, config, which: str = 'model_ema',
                                 candidate_configs: Iterable[str | Path] | None = None) -> nnx.Module:
-    """The kdiff_jax network of `config` holding the weights of a PyTorch k-diffusion checkpoint.
+    """The kdiff_jax network of `config` (a loaded config, or a .py / k-diffusion .json config file's path) holding
+    the weights of a PyTorch k-diffusion checkpoint.
 
     `path`: a train.py checkpoint (`which` picks 'model_ema' or 'model'), a bare state_dict `.pth`, or a
     `.safetensors` file. Loading is strict (see `load_state_dict`).
     """
+    from ..config import load_config
     from ..factory import make_model
 
+    if isinstance(config, (str, Path)):
+        config = load_config(str(config))
     state_dict = select_state_dict(read_checkpoint_file(path), which, source=str(path))
     model = make_model(config, initialize=False)
     candidates = default_candidate_configs() if candidate_configs is None else candidate_configs
