@@ -4,7 +4,8 @@
   python sample.py --checkpoint ckpts/cars128 --sampler dpmpp_2m --steps 50 -n 64 --grid
   python sample.py --checkpoint cars.pth --config configs/cars128.py --sampler dpm_2 --steps 256 --churn 40 \\
       --s-noise 1.003 --grid --video
-Samples k's noise comes from (--seed, k) alone: the same image whatever --batch-size or device count.
+Samples k's noise comes from (--seed, k) alone: the same image whatever --batch-size or device count (except with
+dpm_adaptive, whose step sizes follow the error of the whole batch, as in k-diffusion).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ module is split (`nnx.split`) into its graph definition (static) and its state (
 program is cached per (model structure, sampler, static options, shapes): a new seed, new weights of the same
 shapes, or a new σ array of the same length reuse it. x may be sharded over a 1-D mesh along its batch axis
 (`NamedSharding`); the result has x's sharding, and each sample's noise depends only
-on (seed, its index), never on the batch size or the number of devices.
+on (seed, its index), never on the batch size or the number of devices. (dpm_adaptive's samples still depend on
+their batch: its step sizes follow the error of the whole batch, as in k-diffusion.)
 """
 
 from __future__ import annotations
