@@ -5,6 +5,8 @@
   kdiff_jax → PyTorch:  python convert_torch_ckpt.py --checkpoint ckpts/cars128 --out cars128.safetensors   (or .pth)
 
 The direction follows --out: a `.pth`/`.safetensors` file exports, anything else is the kdiff_jax directory to write.
+Nothing is overwritten but an earlier kdiff_jax model checkpoint at --out (replaced once the new one is complete); an
+existing --out file, training run or other folder is an error.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
 
     try:
         if Path(args.out).suffix in TORCH_SUFFIXES:
+            if Path(args.out).exists():  # perhaps the PyTorch checkpoint it came from: never overwritten
+                raise FileExistsError(f'--out {args.out} exists: not overwritten (choose another path, or remove it)')
             print(f'reading kdiff_jax checkpoint {args.checkpoint}')
             model = load_model(args.checkpoint, load_config(args.config) if args.config else None)
             out = export_torch_state_dict(model, args.out)
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
         print(f'wrote kdiff_jax checkpoint ({count_params(model):,} parameters) to {out}')
         print(f'load it with: kdiff_jax.load_denoiser({str(out)!r})')
         return 0
-    except (CheckpointError, StateDictMismatch, ConfigError, FileNotFoundError) as e:
+    except (CheckpointError, StateDictMismatch, ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
 

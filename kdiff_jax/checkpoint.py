@@ -8,6 +8,8 @@ Layout (orbax CompositeCheckpointHandler, written atomically):
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -21,13 +23,43 @@ from .factory import abstract_model, make_denoiser, make_model
 from .variables import assign_variables, path_to_str, saved_variables, str_to_path
 
 
+def is_model_checkpoint(directory: str | Path) -> bool:
+    """Whether `directory` holds a kdiff_jax model checkpoint (what `save_model` writes)."""
+    directory = Path(directory)
+    return (directory / 'config').is_dir() and (directory / 'params').is_dir()
+
+
 def save_model(directory: str | Path, model: nnx.Module, config) -> Path:
-    """Write `model` (the network, not the denoiser) and `config` to the orbax checkpoint `directory`."""
+    """Write `model` (the network, not the denoiser) and `config` to the orbax checkpoint `directory`.
+
+    The checkpoint is written beside `directory` and moved into place once complete. An existing `directory` is
+    replaced only if it is empty or an earlier kdiff_jax model checkpoint; anything else (a training run, a folder of
+    other files, a file) raises FileExistsError and is left as it is."""
     directory = Path(directory).absolute()
+    if directory.exists() and not is_model_checkpoint(directory) and (
+            not directory.is_dir() or any(directory.iterdir())):
+        raise FileExistsError(f'{directory} exists and is not a kdiff_jax model checkpoint: not overwritten (choose '
+                              'another directory, or remove it)')
     params = {path_to_str(p): np.asarray(v[...]) for p, v in saved_variables(model).items()}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(directory, ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                 config=ocp.args.JsonSave(config_to_dict(config))), force=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = directory.with_name(f'.{directory.name}.partial-{os.getpid()}')
+    replaced = directory.with_name(f'.{directory.name}.replaced-{os.getpid()}')
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(partial, ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                   config=ocp.args.JsonSave(config_to_dict(config))), force=True)
+        if directory.exists():
+            directory.rename(replaced)
+        try:
+            partial.rename(directory)
+        except BaseException:  # put the earlier checkpoint back
+            if replaced.exists() and not directory.exists():
+                replaced.rename(directory)
+            raise
+    finally:
+        for leftover in (partial, replaced):
+            if leftover.exists():
+                shutil.rmtree(leftover)
     return directory
 
 

@@ -100,6 +100,47 @@ def test_export_loads_into_k_diffusion_strictly(small, tmp_path, suffix):
     fresh.load_state_dict(state_dict, strict=True)
     ours, ref = _forward_both(config, fresh, model)
     assert rel_err(ours, ref) <= 1e-5
+    before = path.read_bytes()  # an existing file (perhaps the PyTorch original) is never overwritten
+    result = run_cli('--checkpoint', save_dir, '--out', path)
+    assert result.returncode == 2 and 'exists: not overwritten' in result.stderr and path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['exported' + suffix, 'jax_ckpt']  # no partial files
+
+
+def test_save_model_replaces_only_an_earlier_model_checkpoint(small, tmp_path, monkeypatch):
+    """save_model writes beside the target and moves the result into place: an earlier kdiff_jax model checkpoint
+    (or an empty folder) is replaced, anything else is refused untouched, and an interrupted save leaves the
+    earlier checkpoint as it was."""
+    import orbax.checkpoint as ocp
+    config, inner, ema = small
+    first, second = (make_model(config, initialize=False) for _ in range(2))
+    load_state_dict(first, torch_state_dict_np(inner))
+    load_state_dict(second, torch_state_dict_np(ema))
+    x = jnp.ones((1, *config.model.input_size, config.model.input_channels))
+    outputs = lambda model: np.asarray(model(x, jnp.ones((1,))))  # noqa: E731
+    target = tmp_path / 'ckpt'
+    kdiff_jax.save_model(target, first, config)
+    kdiff_jax.save_model(target, second, config)
+    np.testing.assert_array_equal(outputs(kdiff_jax.load_model(target)), outputs(second))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(ocp.Checkpointer, 'save', interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            kdiff_jax.save_model(target, first, config)
+    np.testing.assert_array_equal(outputs(kdiff_jax.load_model(target)), outputs(second))
+
+    (tmp_path / 'empty').mkdir()
+    kdiff_jax.save_model(tmp_path / 'empty', first, config)
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    (run / 'metrics.csv').write_text('step,loss\n')
+    (tmp_path / 'file').write_text('keep me')
+    for other in (run, tmp_path / 'file'):
+        with pytest.raises(FileExistsError, match='not a kdiff_jax model checkpoint'):
+            kdiff_jax.save_model(other, first, config)
+    assert (run / 'metrics.csv').read_text() == 'step,loss\n' and (tmp_path / 'file').read_text() == 'keep me'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt', 'empty', 'file', 'run']  # nothing left beside
 
 
 def test_safetensors_state_dict_converts(small, tmp_path):

@@ -7,6 +7,8 @@ at all. torch is needed for `.pth` files only and is imported lazily.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -92,14 +94,20 @@ def select_state_dict(obj: Mapping, which: str = 'model_ema', source: str = 'che
 
 
 def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | Path) -> Path:
-    """Write a state_dict as `.safetensors` (no torch needed) or `.pth` (torch.save of a dict of tensors)."""
+    """Write a state_dict as `.safetensors` (no torch needed) or `.pth` (torch.save of a dict of tensors), through a
+    temporary file beside it that replaces `path` only once complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
-    if path.suffix == '.safetensors':
-        from safetensors.numpy import save_file
-        save_file(arrays, str(path))
-    else:
-        torch = _import_torch()
-        torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, str(path))
+    partial = path.with_name(f'.{path.name}.partial-{os.getpid()}')
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.numpy import save_file
+            save_file(arrays, str(partial))
+        else:
+            torch = _import_torch()
+            torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
