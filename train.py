@@ -65,11 +65,13 @@ def main(argv=None) -> int:
                               if k in TrainOptions.__dataclass_fields__})
     from kdiff_jax.data.sources import DatasetError
     from kdiff_jax.interop import CheckpointError, StateDictMismatch
+    from kdiff_jax.training.loop import TrainingDiverged
     try:
         train(options, config)
-    except (CheckpointError, StateDictMismatch, ConfigError, DatasetError) as e:
-        # an unusable checkpoint, grow source or Inception weights (incl. missing), a PyTorch checkpoint of another
-        # model, a dataset not prepared: one clear message (these are raised while setting up, before any step)
+    except (CheckpointError, StateDictMismatch, ConfigError, DatasetError, TrainingDiverged) as e:
+        # an unusable option, checkpoint, grow source or Inception weights (incl. missing), a PyTorch checkpoint of
+        # another model, a dataset not prepared (all raised while setting up, before any step), or a run that
+        # diverged (stopped after saving): one clear message
         print(f'error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -106,42 +106,86 @@ def test_resume_on_a_different_device_count(reference_run, half_run, tmp_path):
 
 
 def test_resume_from_another_runs_directory(reference_run, half_run, tmp_path):
-    """--resume RUN (a run directory, as --grow and sample.py take it) continues that run under a new name, exactly."""
+    """--resume RUN (a run directory, as --grow and sample.py take it) continues that run under a new name, exactly;
+    re-running the same command then resumes the new run's own checkpoint, not RUN again."""
     ref_dir, _ = reference_run
-    result = run_train(tmp_path, 'continued', '--resume', half_run, '--end-step', '8', '--save-every', '100')
+    command = ('--resume', half_run, '--save-every', '100')
+    result = run_train(tmp_path, 'continued', *command, '--end-step', '6')
     assert f'resumed from {half_run} step 4' in result.stdout + result.stderr
+    result = run_train(tmp_path, 'continued', *command, '--end-step', '8')
+    assert f'step 6 (its own checkpoints, not --resume {half_run})' in result.stdout + result.stderr
     assert_same_params(final_params(tmp_path / 'continued'), final_params(ref_dir))
 
 
-def bad_setups(tmp_path: Path) -> dict[str, tuple[list, str]]:
-    from safetensors.numpy import save_file
-    save_file({'inner_model.proj_in.weight': np.zeros((8, 1, 1, 1), np.float32)}, tmp_path / 'bare.safetensors')
-    (tmp_path / 'empty').mkdir()
-    return {
-        'grow_without_its_config': (['--grow', tmp_path / 'empty'], 'error: --grow requires --grow-config'),
-        'resume_a_bare_state_dict': (['--resume', tmp_path / 'bare.safetensors'],
-                                     'not a k-diffusion train.py checkpoint'),
-        'resume_a_directory_without_checkpoints': (['--resume', tmp_path / 'empty'],
-                                                   'no complete kdiff_jax training checkpoint in'),
-        'resume_a_pytorch_run_of_another_model': (
-            ['--resume', write_torch_train_checkpoint(tmp_path / 'other.pth', ['--config.model.channels=[8,8]'])],
-            'does not match the model of the config'),
-        'unprepared_mnist': (['--config.dataset.type=mnist', f'--config.dataset.location={tmp_path / "empty"}'],
-                             "dataset.type 'mnist': no prepared copy"),
-    }
+def bad_setup(case: str, tmp_path: Path, run: Path) -> tuple[list, str]:
+    """(extra train.py arguments, expected message) of a setup that cannot train; `run` is a finished run."""
+    if case == 'grow_without_its_config':
+        return ['--grow', run], 'error: --grow requires --grow-config'
+    if case == 'resume_a_bare_state_dict':
+        from safetensors.numpy import save_file
+        save_file({'inner_model.proj_in.weight': np.zeros((8, 1, 1, 1), np.float32)}, tmp_path / 'bare.safetensors')
+        return ['--resume', tmp_path / 'bare.safetensors'], 'not a k-diffusion train.py checkpoint'
+    if case == 'resume_a_directory_without_checkpoints':
+        (tmp_path / 'empty').mkdir()
+        return ['--resume', tmp_path / 'empty'], 'no complete kdiff_jax training checkpoint in'
+    if case == 'resume_a_pytorch_run_of_another_model':
+        other = write_torch_train_checkpoint(tmp_path / 'other.pth', ['--config.model.channels=[8,8]'])
+        return ['--resume', other], 'does not match the model of the config'
+    if case == 'rerun_with_another_model':
+        shutil.copytree(run, tmp_path / 'bad')
+        return ['--config.model.channels=[8,24]'], 'does not fit the model and optimizer of this config'
+    if case == 'unprepared_mnist':
+        (tmp_path / 'empty').mkdir()
+        return (['--config.dataset.type=mnist', f'--config.dataset.location={tmp_path / "empty"}'],
+                "dataset.type 'mnist': no prepared copy")
+    option, value = {'keep_none': ('--keep', '0'), 'no_demo_images': ('--sample-n', '0'),
+                     'no_batch': ('--batch-size', '0'), 'no_accumulation_step': ('--grad-accum-steps', '0')}[case]
+    return [option, value], f'{option} must be >= 1, got 0'
 
 
 @pytest.mark.parametrize('case', ['grow_without_its_config', 'resume_a_bare_state_dict',
                                   'resume_a_directory_without_checkpoints', 'resume_a_pytorch_run_of_another_model',
-                                  'unprepared_mnist'])
-def test_a_bad_setup_is_one_clear_error(tmp_path, case):
-    """Exit status 2 and one `error:` message, no traceback, no run started."""
-    extra, message = bad_setups(tmp_path)[case]
-    result = subprocess.run(train_cmd(tmp_path, 'bad', *extra), capture_output=True, text=True, cwd=ROOT,
-                            timeout=600)
+                                  'rerun_with_another_model', 'unprepared_mnist', 'keep_none', 'no_demo_images',
+                                  'no_batch', 'no_accumulation_step'])
+def test_a_bad_setup_is_one_clear_error(tmp_path, half_run, case):
+    """Exit status 2 and one `error:` message, no traceback, no step taken."""
+    extra, message = bad_setup(case, tmp_path, half_run)
+    result = subprocess.run(train_cmd(tmp_path, 'bad', *extra, '--end-step', '6'), capture_output=True, text=True,
+                            cwd=ROOT, timeout=600)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
-    assert 'Traceback' not in result.stderr and result.stderr.count('error: ') == 1, result.stderr[-3000:]
-    assert not (tmp_path / 'bad' / 'checkpoints').exists() or not any((tmp_path / 'bad' / 'checkpoints').iterdir())
+    assert result.stderr.count('error: ') == 1, result.stderr[-3000:]
+    if case != 'rerun_with_another_model':  # (there orbax's restore threads print 'Event loop is closed' at exit)
+        assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+    checkpoints = tmp_path / 'bad' / 'checkpoints'
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == (
+        ['4'] if case == 'rerun_with_another_model' else []) if checkpoints.exists() else True
+
+
+def test_a_diverged_run_stops_with_an_error(tmp_path):
+    """A learning rate that sends the weights to infinity: every later micro-batch is skipped, and after 100 such
+    steps the run saves and stops with one error instead of skipping forever."""
+    result = subprocess.run(train_cmd(tmp_path, 'diverged', '--lr', '1e6', '--end-step', '400'), capture_output=True,
+                            text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 2 and 'error: the run diverged' in result.stderr, result.stderr[-3000:]
+    latest = TrainCheckpointer(tmp_path / 'diverged' / 'checkpoints', asynchronous=False).latest_step()
+    assert latest is not None and 100 <= latest < 400
+    assert f'stopped at step {latest} (diverged' in result.stdout + result.stderr
+
+
+def test_an_error_inside_the_loop_keeps_the_steps_done(tmp_path, monkeypatch):
+    """An error after some steps (here the demo grid's sampling) saves the state of the last completed step before
+    the run fails with it."""
+    from kdiff_jax.training import loop
+
+    def broken_demo(*args, **kwargs):
+        raise RuntimeError('demo sampling failed')
+    monkeypatch.setattr(loop, 'demo_samples', broken_demo)
+    config = apply_overrides(load_config(str(ROOT / 'configs' / 'demo.py')), TINY)
+    options = loop.TrainOptions(name='err', out_dir=str(tmp_path), batch_size=8, sample_n=4, demo_every=3,
+                                save_every=100, end_step=10, seed=3)
+    with pytest.raises(RuntimeError, match='demo sampling failed'):
+        loop.train(options, config)
+    assert TrainCheckpointer(tmp_path / 'err' / 'checkpoints', asynchronous=False).latest_step() == 3
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

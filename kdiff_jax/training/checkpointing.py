@@ -62,7 +62,10 @@ class TrainCheckpointer:
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except ValueError as e:  # saved before the gradient noise scale joined the state?
             if 'gns' not in str(e) or 'do not match' not in str(e):
-                raise
+                from ..interop import CheckpointError
+                raise CheckpointError(f'{self.directory}, step {step}: does not fit the model and optimizer of '
+                                      f'this config (was the run started with another?): '
+                                      f'{_first_lines(str(e))}') from e
             return self._restore_without_gns(abstract_state, step)
         return restored.state, dict(restored.data)
 
@@ -80,6 +83,11 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_lines(message: str, n: int = 3) -> str:
+    lines = [line for line in message.splitlines() if line.strip()]
+    return '\n'.join(lines[:n]) + (f'\n… ({len(lines) - n} more lines)' if len(lines) > n else '')
 
 
 def abstract_like(state: TrainState, sharding) -> TrainState:

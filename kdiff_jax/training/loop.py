@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 
 LOG_EVERY = 25
 DEMO_SEED = 0
+#: A run whose last this many micro-batches were all non-finite (and so skipped) has diverged: it stops.
+MAX_CONSECUTIVE_SKIPS = 100
+
+
+class TrainingDiverged(RuntimeError):
+    """Every micro-batch of the last MAX_CONSECUTIVE_SKIPS had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -56,6 +63,25 @@ class TrainOptions:
     keep: int = 3
     inception_weights: str | None = None
 
+    def check(self, device_count: int) -> None:
+        """Raise ConfigError for options no run can use, before anything is built."""
+        from ..config import ConfigError
+        at_least = {'batch_size': 1, 'grad_accum_steps': 1, 'keep': 1, 'sample_n': 1, 'num_workers': 0}
+        if self.evaluate_every > 0:
+            at_least['evaluate_n'] = 2
+        for name, lowest in at_least.items():
+            if getattr(self, name) < lowest:
+                raise ConfigError(f'--{name.replace("_", "-")} must be >= {lowest}, got {getattr(self, name)}')
+        if self.end_step is not None and self.end_step < 0:
+            raise ConfigError(f'--end-step must be >= 0, got {self.end_step}')
+        if self.batch_size % device_count:
+            raise ConfigError(f'--batch-size {self.batch_size} must be divisible by the {device_count} devices')
+        gns_groups = max(device_count, 2)
+        if self.gns and self.batch_size % gns_groups:
+            raise ConfigError(f'--gns: --batch-size {self.batch_size} must split into {gns_groups} equal groups')
+        if self.grow and not self.grow_config:
+            raise ConfigError('--grow requires --grow-config (the config of the model to grow from)')
+
 
 class StopRequested:
     """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then it saves and exits cleanly)."""
@@ -78,10 +104,8 @@ class StopRequested:
 
 
 def _load_grow_source(opts: TrainOptions, config):
-    from ..config import ConfigError, load_config
+    from ..config import load_config
     from .grow import grow_model
-    if not opts.grow_config:
-        raise ConfigError('--grow requires --grow-config (the config of the model to grow from)')
     old_config = load_config(opts.grow_config)
     path = Path(opts.grow)
     if path.is_dir() and (path / 'config').exists() and (path / 'params').exists():  # a converted model checkpoint
@@ -101,9 +125,11 @@ def initial_state(opts: TrainOptions, config, tx, checkpointer: TrainCheckpointe
     latest = checkpointer.latest_step()
     train_model, state = create_train_state(make_model(config, seed=opts.seed, initialize=False), tx, opts.seed)
     target = abstract_like(state, replicated(mesh))  # the structure to restore into
-    if latest is not None and not opts.resume:
+    if latest is not None:  # re-running a command resumes the run itself, whatever --resume/--grow it started from
         restored, data_state = checkpointer.restore(target)
-        return train_model, xla_owned(restored), data_state, f'resumed from {checkpointer.directory} step {latest}'
+        started = f' (its own checkpoints, not --resume {opts.resume})' if opts.resume else ''
+        return (train_model, xla_owned(restored), data_state,
+                f'resumed from {checkpointer.directory} step {latest}{started}')
     if opts.resume:
         from ..interop import CheckpointError
         path = Path(opts.resume)
@@ -151,11 +177,8 @@ def train(opts: TrainOptions, config) -> Path:
     run_dir = Path(opts.out_dir) / opts.name
     is_main = jax.process_index() == 0
     mesh = data_mesh()
-    if opts.batch_size % mesh.size:
-        raise ValueError(f'--batch-size {opts.batch_size} must be divisible by the {mesh.size} devices')
+    opts.check(mesh.size)
     gns_groups = max(mesh.size, 2) if opts.gns else 0  # per-device gradients (two halves on a single device)
-    if gns_groups and opts.batch_size % gns_groups:
-        raise ValueError(f'--gns: --batch-size {opts.batch_size} must split into {gns_groups} equal groups')
     extractor = None
     if opts.evaluate_every > 0:  # fail before anything else if the Inception weights are missing
         from ..evaluation.inception import FIDFeatureExtractor
@@ -200,38 +223,69 @@ def train(opts: TrainOptions, config) -> Path:
             metrics_log.image(step, 'demo', make_grid(to_uint8(images)))
             tqdm.write(f'demo grid: {path}')
 
-    reason = 'end step reached'
+    reason, diverged = 'end step reached', None
     with StopRequested() as stop, tqdm(initial=step, total=opts.end_step, disable=not is_main,
                                        dynamic_ncols=True) as bar:
         last_time, last_step = time.perf_counter(), step
-        while opts.end_step is None or step < opts.end_step:
-            batch = next(data)
-            state, metrics = step_fn(state, shard_batch({'image': batch['image'], 'aug_cond': batch['aug_cond']},
-                                                        mesh))
-            step += 1
-            bar.update(1)
-            if step % LOG_EVERY == 0 or step == 1:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                values['images_per_s'] = (step - last_step) * opts.batch_size / max(now - last_time, 1e-9)
-                values['skipped_images'] = float(getattr(data, 'skipped', 0))
-                last_time, last_step = now, step
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                                **({'gns': f"{values['gns']:.4g}"} if 'gns' in values else {}))
-                metrics_log.scalars(step, values)
-            if opts.demo_every > 0 and step % opts.demo_every == 0:
-                demo()
-            if evaluator is not None and step % opts.evaluate_every == 0:
-                evaluate()
-            if opts.save_every > 0 and step % opts.save_every == 0:
-                save()
-            if stop.signal:
-                reason = f'{stop.signal} received'
-                break
+        last_skipped, consecutive_skips = int(state.skipped), 0
+        try:
+            while opts.end_step is None or step < opts.end_step:
+                batch = next(data)
+                state, metrics = step_fn(state, shard_batch({'image': batch['image'],
+                                                             'aug_cond': batch['aug_cond']}, mesh))
+                step += 1
+                bar.update(1)
+                if step % LOG_EVERY == 0 or step == 1:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    values['images_per_s'] = (step - last_step) * opts.batch_size / max(now - last_time, 1e-9)
+                    values['skipped_images'] = float(getattr(data, 'skipped', 0))
+                    # micro-batches skipped since the last log: all of them extends the run of skips, else it ends
+                    all_skipped = int(values['skipped']) - last_skipped == step - last_step
+                    consecutive_skips = consecutive_skips + step - last_step if all_skipped else 0
+                    last_time, last_step, last_skipped = now, step, int(values['skipped'])
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                    **({'gns': f"{values['gns']:.4g}"} if 'gns' in values else {}))
+                    metrics_log.scalars(step, values)
+                    if consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                        reason = f'diverged: the last {consecutive_skips} micro-batches were all non-finite'
+                        diverged = TrainingDiverged(
+                            f'the run diverged: the loss or gradient of each of the last {consecutive_skips} '
+                            f'micro-batches (steps {step - consecutive_skips + 1}-{step}) was NaN or infinite, so '
+                            'none of them changed the model. The latest checkpoints hold the weights that diverged: '
+                            'start again, or from a checkpoint saved before the divergence, with a lower '
+                            'learning rate')
+                        break
+                if opts.demo_every > 0 and step % opts.demo_every == 0:
+                    demo()
+                if evaluator is not None and step % opts.evaluate_every == 0:
+                    evaluate()
+                if opts.save_every > 0 and step % opts.save_every == 0:
+                    save()
+                if stop.signal:
+                    reason = f'{stop.signal} received'
+                    break
+        except Exception:  # keep the steps done: save the state of the last completed step, then fail as before
+            if jax.process_count() == 1:  # (with several processes, a save would wait for the others)
+                _save_after_error(save, checkpointer, step)
+            raise
     save(force=True)
     checkpointer.close()
     metrics_log.close()
     if is_main:
         tqdm.write(f'stopped at step {step} ({reason}); checkpoint saved')
         print(f'run directory: {run_dir.absolute()} (checkpoints/, metrics.csv, tb/, demo_*.png)')
+    if diverged is not None:
+        raise diverged
     return run_dir
+
+
+def _save_after_error(save, checkpointer: TrainCheckpointer, step: int) -> None:
+    """Save after an error inside the loop. The state is that of the last completed step unless the error came
+    from the step itself, whose donated input state is then gone: that save fails, and the last checkpoint stays."""
+    try:
+        save(force=True)
+        checkpointer.close()
+        print(f'training stopped by an error; the state of step {step} was saved', file=sys.stderr)
+    except Exception as e:  # noqa: BLE001
+        print(f'training stopped by an error; saving the state of step {step} failed too ({e})', file=sys.stderr)
