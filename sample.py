@@ -43,6 +43,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import numpy as np
     from kdiff_jax.compilation_cache import enable_compilation_cache
     from kdiff_jax.config import ConfigError
     from kdiff_jax.generate import SamplingPlan, generate, load_any_denoiser
@@ -52,21 +53,32 @@ def main(argv=None) -> int:
     options = {name: value for name, value in (('s_churn', args.churn), ('s_tmin', args.s_tmin),
                                                ('s_tmax', args.s_tmax), ('s_noise', args.s_noise),
                                                ('eta', args.eta)) if value is not None}
+    prefix = Path(args.prefix)
     try:
         if args.n < 1:
             raise ValueError(f'-n must be >= 1, got {args.n}')
+        stale = sorted(p.name for p in prefix.parent.glob(f'{prefix.name}_[0-9][0-9][0-9][0-9][0-9].png')
+                       if int(p.stem[-5:]) >= args.n)
+        if stale:  # they would be left beside the new samples and read as theirs (evaluate.py --samples)
+            raise FileExistsError(f'{prefix.parent} already holds {len(stale)} samples numbered from {args.n} up '
+                                  f'({stale[0]}, …) under --prefix {prefix}: sampling -n {args.n} would leave them '
+                                  'beside the new ones. Remove them or choose another --prefix')
         SamplingPlan(args.sampler, args.steps, args.schedule, 0.01, 80., args.rho, options)  # check args first
         denoiser, config = load_any_denoiser(args.checkpoint, args.config, args.which)
         m = config.model
         plan = SamplingPlan(args.sampler, args.steps, args.schedule,
                             m.sigma_min if args.sigma_min is None else args.sigma_min,
                             m.sigma_max if args.sigma_max is None else args.sigma_max, args.rho, options)
-    except (ValueError, ConfigError, CheckpointError, StateDictMismatch, FileNotFoundError) as e:
+    except (ValueError, ConfigError, CheckpointError, StateDictMismatch, FileNotFoundError, FileExistsError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     result = generate(denoiser, config, plan, args.n, batch_size=args.batch_size, seed=args.seed, record=args.video)
     images, frames = result if args.video else (result, None)
-    prefix = Path(args.prefix)
+    broken = np.flatnonzero(~np.isfinite(np.asarray(images)).reshape(len(images), -1).all(axis=1))
+    if broken.size:
+        print(f'error: {broken.size} of {len(images)} samples hold NaN or infinite values (the first: sample '
+              f'{broken[0]}); nothing written. The weights give no finite images: a diverged run?', file=sys.stderr)
+        return 2
     prefix.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for k, image in enumerate(to_uint8(images)):

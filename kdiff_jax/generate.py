@@ -38,10 +38,13 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def load_any_denoiser(path: str | Path, config=None, which: str = 'model_ema') -> tuple[Denoiser, object]:
     """(denoiser, config) from a kdiff_jax checkpoint directory (converted model, or a training run: its latest EMA
-    weights), or a PyTorch checkpoint converted on the fly."""
+    weights), or a PyTorch checkpoint converted on the fly. Weights holding a NaN or an infinity raise
+    CheckpointError."""
     from .checkpoint import load_checkpoint_config, load_model
     from .config import ConfigError, load_config
     from .factory import make_denoiser
+    from .interop import CheckpointError
+    from .variables import non_finite_variables
     path = Path(path)
     if path.suffix in TORCH_SUFFIXES:
         if config is None:
@@ -49,14 +52,20 @@ def load_any_denoiser(path: str | Path, config=None, which: str = 'model_ema') -
                               '(e.g. configs/cars128.py)')
         from .interop import model_from_torch_checkpoint
         config = load_config(config) if isinstance(config, (str, Path)) else config
-        return make_denoiser(config, model_from_torch_checkpoint(path, config, which=which)), config
-    from .training.checkpointing import is_run_checkpoint_dir, load_ema_model
-    if is_run_checkpoint_dir(path):
-        model, config = load_ema_model(path)
-        return make_denoiser(config, model), config
-    config = load_checkpoint_config(path) if config is None else (
-        load_config(config) if isinstance(config, (str, Path)) else config)
-    return make_denoiser(config, load_model(path, config)), config
+        model = model_from_torch_checkpoint(path, config, which=which)
+    else:
+        from .training.checkpointing import is_run_checkpoint_dir, load_ema_model
+        if is_run_checkpoint_dir(path):
+            model, config = load_ema_model(path)
+        else:
+            config = load_checkpoint_config(path) if config is None else (
+                load_config(config) if isinstance(config, (str, Path)) else config)
+            model = load_model(path, config)
+    bad = non_finite_variables(model)
+    if bad:
+        raise CheckpointError(f'{path}: {len(bad)} weight arrays hold NaN or infinite values ({", ".join(bad[:5])}'
+                              f'{", …" if len(bad) > 5 else ""}): a damaged checkpoint or a diverged run')
+    return make_denoiser(config, model), config
 
 
 @dataclass

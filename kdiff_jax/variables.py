@@ -46,3 +46,10 @@ def assign_variables(model: nnx.Module, values: Mapping[Path, object]) -> None:
             raise ValueError(f'{path_to_str(path)}: shape {value.shape} does not match the model\'s {var.shape}')
         new[path] = var.replace(value)
     nnx.update(model, nnx.from_flat_state(new))
+
+
+def non_finite_variables(model: nnx.Module) -> list[str]:
+    """The paths of `model`'s saved variables that hold a NaN or an infinity (a damaged checkpoint or a diverged
+    run: a network with any cannot give a finite output)."""
+    return [path_to_str(p) for p, v in saved_variables(model).items()
+            if jnp.issubdtype(v[...].dtype, jnp.inexact) and not bool(jnp.isfinite(v[...]).all())]

@@ -83,3 +83,36 @@ def test_bad_arguments_get_one_clear_error(checkpoints, tmp_path, args, message)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith('error: ') and message in result.stderr
     assert not list(tmp_path.glob('x*'))
+
+
+def test_earlier_samples_beyond_n_are_not_left_beside_new_ones(checkpoints, tmp_path):
+    """Sampling -n 2 into a prefix that holds 3 earlier samples is refused (the third would pass for a new one);
+    the same -n again overwrites its own files."""
+    tmp, _, _ = checkpoints
+    for k in range(3):
+        (tmp_path / f's_{k:05}.png').write_bytes(b'earlier')
+    result = run_sample('--checkpoint', tmp / 'ckpt', '--steps', '2', '-n', '2', '--prefix', tmp_path / 's')
+    assert result.returncode == 2 and 'already holds 1 samples numbered from 2 up (s_00002.png' in result.stderr
+    assert all((tmp_path / f's_{k:05}.png').read_bytes() == b'earlier' for k in range(3))
+    (tmp_path / 's_00002.png').unlink()
+    result = run_sample('--checkpoint', tmp / 'ckpt', '--steps', '2', '-n', '2', '--prefix', tmp_path / 's')
+    assert result.returncode == 0 and (tmp_path / 's_00001.png').read_bytes() != b'earlier', result.stderr[-3000:]
+
+
+def test_weights_or_samples_that_are_not_finite_are_refused(checkpoints, tmp_path):
+    """A checkpoint holding a NaN (damaged) is refused on load; weights so large that the samples overflow (a
+    diverged run) give no images either: one error each, nothing written."""
+    tmp, config, model = checkpoints
+    from flax import nnx
+    damaged, diverged = nnx.clone(model), nnx.clone(model)
+    kernel = np.array(damaged.inner_model.proj_in.kernel[...])
+    kernel.flat[0] = np.nan
+    damaged.inner_model.proj_in.kernel[...] = kernel
+    diverged.inner_model.proj_out.kernel[...] = diverged.inner_model.proj_out.kernel[...] * 1e38
+    for name, broken, message in (('damaged', damaged, '1 weight arrays hold NaN or infinite values '
+                                   '(inner_model.proj_in.kernel)'),
+                                  ('diverged', diverged, '2 of 2 samples hold NaN or infinite values')):
+        kdiff_jax.save_model(tmp_path / name, broken, config)
+        result = run_sample('--checkpoint', tmp_path / name, '--steps', '2', '-n', '2', '--prefix', tmp_path / 'o')
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-3000:]
+        assert not list(tmp_path.glob('o*'))
