@@ -54,4 +54,5 @@ def non_finite_variables(model: nnx.Module) -> list[str]:
     run: a network with any cannot give a finite output)."""
     values = {path_to_str(p): np.asarray(v[...]) for p, v in saved_variables(model).items()}  # numpy: no compiles
     return [name for name, value in values.items()
-            if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all()]
+            if not np.issubdtype(value.dtype, np.integer) and value.dtype != bool  # floats, bfloat16 too
+            and not np.isfinite(value).all()]
