@@ -119,8 +119,6 @@ def test_resume_from_another_runs_directory(reference_run, half_run, tmp_path):
 
 def bad_setup(case: str, tmp_path: Path, run: Path) -> tuple[list, str]:
     """(extra train.py arguments, expected message) of a setup that cannot train; `run` is a finished run."""
-    if case == 'grow_without_its_config':
-        return ['--grow', run], 'error: --grow requires --grow-config'
     if case == 'resume_a_bare_state_dict':
         from safetensors.numpy import save_file
         save_file({'inner_model.proj_in.weight': np.zeros((8, 1, 1, 1), np.float32)}, tmp_path / 'bare.safetensors')
@@ -138,15 +136,13 @@ def bad_setup(case: str, tmp_path: Path, run: Path) -> tuple[list, str]:
         (tmp_path / 'empty').mkdir()
         return (['--config.dataset.type=mnist', f'--config.dataset.location={tmp_path / "empty"}'],
                 "dataset.type 'mnist': no prepared copy")
-    option, value = {'keep_none': ('--keep', '0'), 'no_demo_images': ('--sample-n', '0'),
-                     'no_batch': ('--batch-size', '0'), 'no_accumulation_step': ('--grad-accum-steps', '0')}[case]
-    return [option, value], f'{option} must be >= 1, got 0'
+    assert case == 'keep_none'  # one of the options TrainOptions.check refuses (the next test has them all)
+    return ['--keep', '0'], '--keep must be >= 1, got 0'
 
 
-@pytest.mark.parametrize('case', ['grow_without_its_config', 'resume_a_bare_state_dict',
-                                  'resume_a_directory_without_checkpoints', 'resume_a_pytorch_run_of_another_model',
-                                  'rerun_with_another_model', 'unprepared_mnist', 'keep_none', 'no_demo_images',
-                                  'no_batch', 'no_accumulation_step'])
+@pytest.mark.parametrize('case', ['resume_a_bare_state_dict', 'resume_a_directory_without_checkpoints',
+                                  'resume_a_pytorch_run_of_another_model', 'rerun_with_another_model',
+                                  'unprepared_mnist', 'keep_none'])
 def test_a_bad_setup_is_one_clear_error(tmp_path, half_run, case):
     """Exit status 2 and one `error:` message, no traceback, no step taken."""
     extra, message = bad_setup(case, tmp_path, half_run)
@@ -159,6 +155,25 @@ def test_a_bad_setup_is_one_clear_error(tmp_path, half_run, case):
     checkpoints = tmp_path / 'bad' / 'checkpoints'
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == (
         ['4'] if case == 'rerun_with_another_model' else []) if checkpoints.exists() else True
+
+
+@pytest.mark.parametrize('options,devices,message', [
+    (dict(keep=0), 1, '--keep must be >= 1, got 0'),
+    (dict(sample_n=0), 1, '--sample-n must be >= 1, got 0'),
+    (dict(batch_size=0), 1, '--batch-size must be >= 1, got 0'),
+    (dict(grad_accum_steps=0), 1, '--grad-accum-steps must be >= 1, got 0'),
+    (dict(end_step=-1), 1, '--end-step must be >= 0, got -1'),
+    (dict(evaluate_every=10, evaluate_n=1), 1, '--evaluate-n must be >= 2, got 1'),
+    (dict(batch_size=7), 2, '--batch-size 7 must be divisible by the 2 devices'),
+    (dict(batch_size=3, gns=True), 1, '--gns: --batch-size 3 must split into 2 equal groups'),
+    (dict(grow='runs/old'), 1, '--grow requires --grow-config'),
+])
+def test_options_no_run_can_use_are_refused(options, devices, message):
+    from kdiff_jax.config import ConfigError
+    from kdiff_jax.training.loop import TrainOptions
+    with pytest.raises(ConfigError, match=message):
+        TrainOptions(**options).check(devices)
+    TrainOptions().check(devices)  # the defaults are fine
 
 
 def test_a_diverged_run_stops_with_an_error(tmp_path):
