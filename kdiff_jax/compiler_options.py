@@ -7,7 +7,8 @@ convolution w.r.t. its kernel as another convolution, whose window is the whole 
 On an AMD EPYC host YNNPACK ran that shape at 18–110 GFLOP/s where Eigen ran it at 95–186 (cars64 training step,
 batch 8: ~13% less time per step with Eigen), while YNNPACK's forward convolutions were up to ~8% faster there. On
 an Intel Xeon host (AVX-512) YNNPACK's forward convolutions are the slower ones: the cars64 and cars128 forwards
-run 4–18% faster on Eigen, and a 50-step cars64 sampling loop ~20% faster (bench/RESULTS.md, sessions 4 and 10).
+run 4–18% faster on Eigen, and a 50-step cars64 sampling loop ~20% faster; on an AMD EPYC without AVX-512 (Zen 3)
+the forwards ran 12–26% faster on Eigen (bench/RESULTS.md, sessions 4, 10 and 20).
 So the training step (`jit_train_step`), the sampling driver (`sampling.sample`) and the Inception features of
 evaluate.py (`evaluation.inception.jit_extract_features`; 2.1 → 1.1 s per batch of 16 on that Xeon) compile with
 the convolutions left out of YNNPACK; dots and reductions stay there.
