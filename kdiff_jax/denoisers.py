@@ -47,7 +47,10 @@ class Denoiser(nnx.Module):
         return c_skip, c_out, c_in
 
     def _scalings(self, x, sigma):
-        return [append_dims(c, x.ndim) for c in self.get_scalings(sigma.astype(jnp.float32))]
+        sigma = jnp.asarray(sigma, jnp.float32)
+        if sigma.ndim == 0:  # one σ for the whole batch, as k-diffusion accepts
+            sigma = jnp.broadcast_to(sigma, x.shape[:1])
+        return [append_dims(c, x.ndim) for c in self.get_scalings(sigma)]
 
     def _noised_and_target(self, x0, noise, sigma):
         c_skip, c_out, c_in = self._scalings(x0, sigma)

@@ -109,6 +109,13 @@ def generate(denoiser: Denoiser, config: Mapping, plan: SamplingPlan, n: int, *,
              seed: int = 0, record: bool = False, progress: bool = True):
     """n samples in [N, H, W, C] (roughly [-1, 1]); with `record`, also the denoised prediction at every step of
     the first batch, [steps, B, H, W, C] (for trajectory videos)."""
+    from .config import load_config
+    from .sampling.api import integer_seed
+    if isinstance(config, (str, Path)):
+        config = load_config(str(config))
+    if n < 1:
+        raise ValueError(f'n must be >= 1, got {n}')
+    seed = integer_seed(seed)
     m = config['model']
     n_devices, sharding = _batch_sharding()
     batch_size = max(n_devices, -(-min(batch_size, n) // n_devices) * n_devices)  # a multiple of the devices

@@ -94,6 +94,11 @@ def test_probes_are_per_sample_and_validated(data):
         log_likelihood(g, x, SIGMA_MIN, SIGMA_MAX, key=0, probe='sobol')
     with pytest.raises(ValueError, match='probes must have shape'):
         log_likelihood(g, x, SIGMA_MIN, SIGMA_MAX, probes=jnp.ones((1, 2, 4, 4, 1)))
+    # a reversed, empty or non-positive range is refused (k-diffusion's solver refuses them too); it used to
+    # integrate to a finite, wrong ll with info['success'] True
+    for low, high in ((SIGMA_MAX, SIGMA_MIN), (1., 1.), (0., SIGMA_MAX), (-1., SIGMA_MAX)):
+        with pytest.raises(ValueError, match='need 0 < sigma_min < sigma_max'):
+            log_likelihood(g, x, low, high, key=0)
 
 
 def test_matches_k_diffusion_with_the_same_probe(monkeypatch):

@@ -67,6 +67,19 @@ def test_denoiser_matches_k_diffusion(name):
         assert rel_err(ours_d[i], ref_d[i]) <= TOL
 
 
+def test_channels_first_images_are_refused_and_a_scalar_sigma_applies_to_all():
+    """NCHW images (PyTorch's layout) get an error that names the layout, not a shape error deep inside a matmul;
+    a 0-d σ is every image's σ, as k-diffusion takes it."""
+    config = CASES[next(iter(CASES))]
+    _, denoiser = make_pair(config)
+    x, _, _ = _inputs(config)
+    with pytest.raises(ValueError, match=r'NHWC.*channels first'):
+        denoiser(jnp.asarray(nchw(x).numpy()), jnp.ones((len(x),)))
+    sigma = float(SIGMAS[1])
+    np.testing.assert_array_equal(denoiser(jnp.asarray(x), jnp.float32(sigma)),
+                                  denoiser(jnp.asarray(x), jnp.full((len(x),), sigma, jnp.float32)))
+
+
 def test_log_variance_matches_k_diffusion():
     config = CASES['has_variance']
     torch_denoiser, denoiser = make_pair(config, seed=3)

@@ -62,6 +62,24 @@ def test_keys_and_initial_noise_per_sample():
         S.as_sample_keys(keys, 4)
 
 
+def test_a_seed_must_be_an_integer():
+    """`seed=1.5` used to be truncated to 1 (the same samples as seed 1); numpy integers are fine."""
+    from kdiff_jax.generate import SamplingPlan, generate
+    x, sigmas = jnp.zeros((2, *SHAPE)), S.get_sigmas_karras(3, 0.1, 10.)
+    for seed in (1.5, '3'):
+        with pytest.raises(TypeError, match='seed must be an integer'):
+            S.sample(gaussian_denoiser, x, sigmas, 'euler_ancestral', seed=seed)
+    with pytest.raises(ValueError, match=r'seed must be in \[0, 2\*\*32\)'):
+        S.sample(gaussian_denoiser, x, sigmas, 'euler_ancestral', seed=-1)
+    np.testing.assert_array_equal(S.sample(gaussian_denoiser, x, sigmas, 'euler_ancestral', seed=np.int64(3)),
+                                  S.sample(gaussian_denoiser, x, sigmas, 'euler_ancestral', seed=3))
+    config = {'model': {'input_size': list(SHAPE[:2]), 'input_channels': SHAPE[2]}}
+    with pytest.raises(TypeError, match='seed must be an integer'):
+        generate(gaussian_denoiser, config, SamplingPlan('euler', 3), 2, seed=1.5, progress=False)
+    with pytest.raises(ValueError, match='n must be >= 1'):
+        generate(gaussian_denoiser, config, SamplingPlan('euler', 3), 0, progress=False)
+
+
 def test_default_noise_draws_are_independent_per_index():
     keys = S.sample_keys(0, jnp.arange(512))
     draw = S.default_noise_sampler(keys, jnp.zeros((512, 4)))

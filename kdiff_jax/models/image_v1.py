@@ -168,6 +168,10 @@ class ImageDenoiserModelV1(nnx.Module):
 
     def __call__(self, x, sigma, mapping_cond=None, unet_cond=None, cross_cond=None, cross_cond_padding=None,
                  return_variance=False):
+        if x.ndim != 4 or x.shape[-1] != self.c_in:
+            layout = ' (channels first? kdiff_jax takes NHWC)' if x.ndim == 4 and x.shape[1] == self.c_in else ''
+            raise ValueError(f'expected images [N, H, W, {self.c_in}] (NHWC), got shape {tuple(x.shape)}{layout}')
+        sigma = jnp.broadcast_to(jnp.asarray(sigma), x.shape[:1])  # a scalar σ applies to every image, as in torch
         c_noise = jnp.log(sigma.astype(jnp.float32)) / 4
         timestep_embed = self.timestep_embed(c_noise[:, None])
         if mapping_cond is not None:

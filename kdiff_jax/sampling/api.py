@@ -16,6 +16,7 @@ their batch: its step sizes follow the error of the whole batch, as in k-diffusi
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Mapping
 
 import jax
@@ -106,6 +107,17 @@ def _batch_sharding(x):
     return NamedSharding(sharding.mesh, P(spec[0])), NamedSharding(sharding.mesh, P())
 
 
+def integer_seed(seed) -> int:
+    """`seed` as an int in [0, 2**32); a float or a string is an error, not truncated."""
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f'seed must be an integer, got {seed!r}') from None
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f'seed must be in [0, 2**32), got {seed}')
+    return seed
+
+
 def sample(denoiser, x, sigmas, sampler: str = 'dpmpp_2m', *, seed: int = 0, indices=None,
            extra_args: Mapping | None = None, callback: Callable | None = None, **sampler_kwargs):
     """Run `sampler` (a k-diffusion name) from x at sigmas[0] down the σ schedule `sigmas`, compiled.
@@ -120,8 +132,7 @@ def sample(denoiser, x, sigmas, sampler: str = 'dpmpp_2m', *, seed: int = 0, ind
     Returns the samples (and the info dict for dpm_adaptive with return_info=True).
     """
     name = _sampler_key(sampler)
-    if not 0 <= int(seed) < 2 ** 32:
-        raise ValueError(f'seed must be in [0, 2**32), got {seed}')
+    seed = integer_seed(seed)
     x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
     sigmas = jnp.asarray(sigmas, jnp.float32)
     indices = jnp.arange(x.shape[0], dtype=jnp.uint32) if indices is None else jnp.asarray(indices, jnp.uint32)

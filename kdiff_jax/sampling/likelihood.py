@@ -135,6 +135,12 @@ def log_likelihood(model: Callable, x, sigma_min, sigma_max, extra_args: dict[st
     """
     if probe not in PROBES:
         raise ValueError(f'probe must be one of {PROBES}, got {probe!r}')
+    try:  # k-diffusion's solver refuses these too; here a reversed or empty range would integrate to a wrong ll
+        low, high = float(sigma_min), float(sigma_max)
+    except TypeError:  # traced inside jit: not checked
+        low = high = None
+    if low is not None and not 0 < low < high:
+        raise ValueError(f'need 0 < sigma_min < sigma_max, got sigma_min={low}, sigma_max={high}')
     x = jnp.asarray(x, jnp.float32)
     if probes is not None:
         probes = jnp.asarray(probes, x.dtype)
