@@ -471,6 +471,12 @@ def load_config(source) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(validate(_merge(user), origin))
 
 
+def as_config(config):
+    """`config` as it is when already loaded (a ConfigDict, or a dict in its layout); a .py / .json file's path
+    loaded with `load_config`. For functions that take either."""
+    return load_config(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else config
+
+
 def config_to_dict(config) -> dict:
     """Plain, JSON-serialisable dict of the whole config (what checkpoints store); load_config gives it back."""
     return _to_plain(config)

@@ -41,7 +41,7 @@ def load_any_denoiser(path: str | Path, config=None, which: str = 'model_ema') -
     weights), or a PyTorch checkpoint converted on the fly. Weights holding a NaN or an infinity raise
     CheckpointError."""
     from .checkpoint import load_checkpoint_config, load_model
-    from .config import ConfigError, load_config
+    from .config import ConfigError, as_config
     from .factory import make_denoiser
     from .interop import CheckpointError
     from .variables import non_finite_variables
@@ -51,15 +51,14 @@ def load_any_denoiser(path: str | Path, config=None, which: str = 'model_ema') -
             raise ConfigError(f'{path} is a PyTorch checkpoint, which holds no config: pass --config '
                               '(e.g. configs/cars128.py)')
         from .interop import model_from_torch_checkpoint
-        config = load_config(config) if isinstance(config, (str, Path)) else config
+        config = as_config(config)
         model = model_from_torch_checkpoint(path, config, which=which)
     else:
         from .training.checkpointing import is_run_checkpoint_dir, load_ema_model
         if is_run_checkpoint_dir(path):
             model, config = load_ema_model(path)
         else:
-            config = load_checkpoint_config(path) if config is None else (
-                load_config(config) if isinstance(config, (str, Path)) else config)
+            config = load_checkpoint_config(path) if config is None else as_config(config)
             model = load_model(path, config)
     bad = non_finite_variables(model)
     if bad:
@@ -109,10 +108,9 @@ def generate(denoiser: Denoiser, config: Mapping, plan: SamplingPlan, n: int, *,
              seed: int = 0, record: bool = False, progress: bool = True):
     """n samples in [N, H, W, C] (roughly [-1, 1]); with `record`, also the denoised prediction at every step of
     the first batch, [steps, B, H, W, C] (for trajectory videos)."""
-    from .config import load_config
+    from .config import as_config
     from .sampling.api import integer_seed
-    if isinstance(config, (str, Path)):
-        config = load_config(str(config))
+    config = as_config(config)
     if n < 1:
         raise ValueError(f'n must be >= 1, got {n}')
     seed = integer_seed(seed)

@@ -28,11 +28,10 @@ def model_from_torch_checkpoint(path: str | Path, config, which: str = 'model_em
     `path`: a train.py checkpoint (`which` picks 'model_ema' or 'model'), a bare state_dict `.pth`, or a
     `.safetensors` file. Loading is strict (see `load_state_dict`).
     """
-    from ..config import load_config
+    from ..config import as_config
     from ..factory import make_model
 
-    if isinstance(config, (str, Path)):
-        config = load_config(str(config))
+    config = as_config(config)
     state_dict = select_state_dict(read_checkpoint_file(path), which, source=str(path))
     model = make_model(config, initialize=False)
     candidates = default_candidate_configs() if candidate_configs is None else candidate_configs
