@@ -20,7 +20,8 @@ $(STAMP): requirements/lock.txt requirements/gpu_compile.txt setup.cfg pyproject
 
 # One pytest worker per core (pytest-xdist), each test file on one worker (module fixtures are built once). The suite
 # is CPU-bound (XLA compilation, the CLI runs); on the 2-core CI VM it took 15.5-16 min, and 12-14 min since it
-# compiles at XLA:CPU's backend optimisation level 0 (tests/conftest.py; bench/RESULTS.md, session 19).
+# compiles at XLA:CPU's backend optimisation level 0 (tests/conftest.py; bench/RESULTS.md, session 19); with
+# session 20's tests of bad input, 14.5 min.
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
