@@ -28,12 +28,12 @@ TORCH_SUFFIXES = ('.pth', '.pt', '.ckpt', '.safetensors')
 
 def is_checkpoint(path: str | Path) -> bool:
     """Whether `path` is something `load_any_denoiser` reads (rather than, say, a folder of images)."""
+    from .checkpoint import is_model_checkpoint
     from .training.checkpointing import is_run_checkpoint_dir
     path = Path(path)
     if path.suffix in TORCH_SUFFIXES:
         return path.is_file()
-    return path.is_dir() and (is_run_checkpoint_dir(path) or ((path / 'config').exists() and
-                                                               (path / 'params').exists()))
+    return path.is_dir() and (is_run_checkpoint_dir(path) or is_model_checkpoint(path))
 
 
 def load_any_denoiser(path: str | Path, config=None, which: str = 'model_ema') -> tuple[Denoiser, object]:

@@ -108,7 +108,8 @@ def _load_grow_source(opts: TrainOptions, config):
     from .grow import grow_model
     old_config = load_config(opts.grow_config)
     path = Path(opts.grow)
-    if path.is_dir() and (path / 'config').exists() and (path / 'params').exists():  # a converted model checkpoint
+    from ..checkpoint import is_model_checkpoint
+    if is_model_checkpoint(path):  # a converted model checkpoint
         from ..checkpoint import load_model
         old_model = load_model(path, old_config)
     elif path.is_dir():  # a kdiff_jax training run (or its checkpoints/): its EMA weights
